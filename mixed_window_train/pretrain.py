@@ -1,0 +1,224 @@
+"""`ropesearch pretrain`: train the bundled train-short model from scratch.
+
+A small Llama trained at window L on real offline text (Python's pydoc topics) mixed with
+needle -> question -> answer examples, so that needle retrieval works inside L and breaks beyond it:
+the smallest model on which a RoPE search has something to find. The tokenizer is a byte-level BPE
+trained here with the `tokenizers` library, digits split one per token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fitness.factors import baseline
+from fitness.geometry import geometry_from_config
+from fitness.needles import Haystack, NeedleSettings, build_document, build_needle_set, haystack_texts
+from fitness.scoring import score_candidates
+from mixed_window_train.trainer import Batch, TrainSettings, train
+
+TEMPLATES = [  # (needle, question); the first is the fitness default
+    (NeedleSettings().needle_template, NeedleSettings().question_template),
+    ("The secret code for {key} is {value}.", "What is the secret code for {key}? The secret code for {key} is {value}"),
+    ("Remember that the value of {key} is {value}.", "Recall the value of {key}. The value of {key} is {value}"),
+    ("Note: {key} has the number {value}.", "Which number does {key} have? {key} has the number {value}"),
+]
+
+
+class ArchitectureSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(default=2048, ge=300)
+    hidden_size: int = Field(default=128, gt=0)
+    layers: int = Field(default=2, gt=0)
+    heads: int = Field(default=2, gt=0)
+    head_dim: int = Field(default=64, gt=0)
+    intermediate_size: int = Field(default=512, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=1)
+
+
+class PretrainData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    haystack: list[str] = Field(default_factory=lambda: ["pydoc"])
+    needle_fraction: float = Field(default=0.9, ge=0, le=1)
+    answer_weight: float = Field(default=10.0, gt=0)
+    min_length: int = Field(default=128, gt=0)
+    curriculum: float = Field(default=0.4, ge=0, le=1)  # fraction of steps over which length grows to L
+
+
+class PretrainStop(BaseModel):
+    """Stop once in-window retrieval on a validation needle set reaches `retrieval` (after `min_step`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retrieval: float = Field(default=0.98, gt=0, le=1)
+    min_step: int = Field(default=1000, ge=0)
+    documents: int = Field(default=100, gt=0)
+
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = "models/tiny-llama"
+    window: int = Field(default=256, gt=16)
+    architecture: ArchitectureSettings = Field(default_factory=ArchitectureSettings)
+    data: PretrainData = Field(default_factory=PretrainData)
+    train: TrainSettings
+    stop: PretrainStop = Field(default_factory=PretrainStop)
+
+
+def train_tokenizer(config: PretrainConfig, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    texts = haystack_texts(config.data.haystack)
+    words = sorted({w for t in texts for w in t.lower().split() if w.isalpha()})
+    for needle, question in TEMPLATES:  # the templates' words should be tokens, not byte soup
+        for _ in range(200):
+            key, value = f"{rng.choice(words)}-{rng.choice(words)}", str(rng.randint(10**6, 10**7 - 1))
+            texts.append(needle.format(key=key, value=value) + " " + question.format(key=key, value=value))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.architecture.vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(config: PretrainConfig, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = config.architecture
+    model_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.heads,
+        head_dim=arch.head_dim,
+        max_position_embeddings=config.window,
+        rope_theta=arch.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(config.train.seed)
+    return LlamaForCausalLM(model_config)
+
+
+class PretrainBatches:
+    """Batch for (step, micro) as a pure function of the seed: the data position is the step."""
+
+    def __init__(self, config: PretrainConfig, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.haystack = Haystack(tokenizer, config.data.haystack)
+        self.templates = [
+            NeedleSettings(needle_template=n, question_template=q, haystack=config.data.haystack) for n, q in TEMPLATES
+        ]
+
+    def length(self, step: int) -> int:
+        span = max(1, int(self.config.train.steps * self.config.data.curriculum))
+        low, high = self.config.data.min_length, self.config.window
+        return min(high, low + (high - low) * step // span)
+
+    def __call__(self, step: int, micro: int) -> Batch:
+        length = self.length(step)
+        rows, weights = [], []
+        for row in range(self.config.train.batch_size):
+            rng = random.Random(f"pretrain:{self.config.train.seed}:{step}:{micro}:{row}")
+            weight = torch.ones(length)
+            if rng.random() < self.config.data.needle_fraction:
+                settings = rng.choice(self.templates)
+                ids, answer, _ = build_document(self.tokenizer, self.haystack, settings, length, rng, rng.random())
+                weight[answer] = self.config.data.answer_weight
+            else:
+                ids = [t for piece in self.haystack.take(rng.randrange(len(self.haystack.pieces)), length) for t in piece]
+            rows.append(ids)
+            weights.append(weight)
+        return Batch(input_ids=torch.tensor(rows), loss_weight=torch.stack(weights))
+
+
+def evaluate_model(model, tokenizer, window: int, documents: int, seed: int, haystack: list[str], lengths=(1,)):
+    """Needle PPL and retrieval for none / YaRN at multiples of the window."""
+    geometry = geometry_from_config(model.config)
+    results = {}
+    for multiple in lengths:
+        length = window * multiple
+        needles = build_needle_set(
+            tokenizer,
+            NeedleSettings(documents=documents, seed=seed, haystack=haystack, depths=[i / 19 for i in range(20)]),
+            length,
+            cache=False,
+        )
+        methods = ["none"] if multiple == 1 else ["none", "yarn"]
+        candidates = [baseline(m, geometry, length) for m in methods]
+        for method, score in zip(methods, score_candidates(model, needles, candidates, documents_per_forward=4)):
+            results[f"{method}@{multiple}x"] = {"needle_ppl": score.fitness, "retrieval": score.retrieval}
+    return results
+
+
+def pretrain(config: PretrainConfig, work_dir: Path, stop_after: int | None = None) -> dict:
+    """Train in `work_dir` (resumable), then write the finished model to `config.out`."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "recipe.json").write_text(config.model_dump_json(indent=2))
+    tokenizer_dir = work_dir / "tokenizer"
+    if (tokenizer_dir / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer(config, tokenizer_dir)
+    model = build_model(config, len(tokenizer))
+    batches = PretrainBatches(config, tokenizer)
+
+    def validation(step: int) -> dict:
+        scores = evaluate_model(model, tokenizer, config.window, config.stop.documents, 10_000 + config.train.seed,
+                                config.data.haystack)  # fmt: skip
+        return {"retrieval": scores["none@1x"]["retrieval"], "needle_ppl": scores["none@1x"]["needle_ppl"]}
+
+    def converged(metrics: dict) -> bool:
+        return metrics["step"] >= config.stop.min_step and metrics["retrieval"] >= config.stop.retrieval
+
+    started = time.time()
+    result = train(model, batches, config.train, work_dir, evaluate=validation, done=converged, stop_after=stop_after)
+    result["seconds"] = time.time() - started
+    if stop_after is not None and result["step"] < config.train.steps and not result["converged"]:
+        return result
+    save_model(model, tokenizer, Path(config.out))
+    return result
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Save in a form both transformers 4.x and 5.x read (5.x writes only `rope_parameters`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    config_path = out / "config.json"
+    data = json.loads(config_path.read_text())
+    data.setdefault("rope_theta", geometry_from_config(model.config).base)
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = out / "tokenizer_config.json"
+    data = json.loads(tokenizer_config.read_text())
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name both 4.x and 5.x resolve
+    tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+

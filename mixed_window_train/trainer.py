@@ -1,0 +1,239 @@
+"""The training loop, in one file: AdamW, warmup + cosine, clipping, accumulation, checkpoints, exact resume.
+
+Used by both `ropesearch pretrain` (the bundled tiny model) and `ropesearch train` (mixed-window
+fine-tune). Data comes from a `batch_for(step, micro)` function that is a pure function of its
+arguments, so the data position is just the step number and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=2e-5, gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup: int = Field(default=40, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = Field(default=1.0, gt=0)
+    precision: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=200, gt=0)
+    eval_every: int = Field(default=0, ge=0)  # 0: only at the end
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class Batch:
+    """One micro-batch. `loss_weight` is per token (0 masks it); `rotary_rows` picks each row's RoPE
+    candidate when several are applied (mixed-window training)."""
+
+    input_ids: torch.Tensor
+    loss_weight: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    rotary_rows: list[int] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    return settings.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (settings.lr - settings.min_lr)
+
+
+def weighted_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy, each target token weighted by `loss_weight` (normalized by the weights)."""
+    targets = batch.input_ids[:, 1:].to(logits.device)
+    weights = batch.loss_weight[:, 1:].to(logits.device, torch.float32)
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    return (per_token * weights).sum() / weights.sum().clamp_min(1e-9)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Checkpoints:
+    """`step_XXXXXXX.pt` files in a folder, written atomically; the newest one is the resume point."""
+
+    def __init__(self, folder: Path, keep: int = 2):
+        self.folder, self.keep = Path(folder), keep
+
+    def latest(self) -> Path | None:
+        found = sorted(self.folder.glob("step_*.pt"))
+        return found[-1] if found else None
+
+    def save(self, state: dict, step: int) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step_{step:07d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint behind
+        for old in sorted(self.folder.glob("step_*.pt"))[: -self.keep]:
+            old.unlink()
+        return path
+
+
+def train(
+    model: torch.nn.Module,
+    batch_for: Callable[[int, int], Batch],
+    settings: TrainSettings,
+    out_dir: Path,
+    evaluate: Callable[[int], dict] | None = None,
+    done: Callable[[dict], bool] | None = None,
+    set_rotary_rows: Callable[[list[int] | None], None] | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train until `settings.steps` (or until `done(metrics)` after an evaluation); resume from the
+    newest checkpoint in `out_dir/checkpoints`. `stop_after` ends early at that step, as a crash would."""
+    out_dir = Path(out_dir)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = next(model.parameters()).device
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=settings.betas,
+        fused=device.type == "cuda",
+    )
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    checkpoints = Checkpoints(out_dir / "checkpoints")
+    start, last_metrics = 0, {}
+    if (latest := checkpoints.latest()) is not None:
+        state = torch.load(latest, weights_only=False, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start, last_metrics = state["step"], state.get("metrics", {})
+    else:
+        torch.manual_seed(settings.seed)
+        random.seed(settings.seed)
+        np.random.seed(settings.seed)
+
+    metrics_path = out_dir / "metrics.csv"
+    _truncate_csv(metrics_path, start)
+    writer = _tensorboard(out_dir)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
+
+    def save(step: int, metrics: dict) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                 "step": step, "metrics": metrics, "settings": settings.model_dump()}  # fmt: skip
+        checkpoints.save(state, step)
+
+    model.train()
+    progress = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    step, finished = start, False
+    for step in range(start, settings.steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        tick = time.perf_counter()
+        lr = learning_rate(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, tokens = 0.0, 0
+        for micro in range(settings.grad_accum):
+            batch = batch_for(step, micro)
+            if set_rotary_rows is not None:
+                set_rotary_rows(batch.rotary_rows)
+            position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
+            with autocast:
+                out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
+                loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += batch.tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - tick
+        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
+        _append_csv(metrics_path, row)
+        if writer:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                writer.add_scalar(f"train/{key}", row[key], step + 1)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+        last_step = step + 1 == settings.steps
+        if evaluate and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last_step):
+            model.eval()
+            last_metrics = {"step": step + 1, **evaluate(step + 1)}
+            model.train()
+            progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_metrics.items()))
+            if writer:
+                for key, value in last_metrics.items():
+                    if isinstance(value, (int, float)):
+                        writer.add_scalar(f"eval/{key}", value, step + 1)
+            finished = bool(done and done(last_metrics))
+        if finished or last_step or (step + 1) % settings.checkpoint_every == 0:
+            save(step + 1, last_metrics)
+        if finished:
+            break
+    progress.close()
+    if writer:
+        writer.close()
+    model.eval()
+    return {"step": step + 1 if settings.steps else 0, "metrics": last_metrics, "converged": finished}
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.csv always has everything
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop rows past the resume point: they were logged after the checkpoint a crash fell back to."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with path.open("w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["step"]) <= step)

@@ -1,0 +1,157 @@
+"""The front door: `ropesearch <command> --help` explains each command.
+
+Bad input (a config, a factor file, a model path...) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from fitness.errors import RopeSearchError
+
+EPILOG = "Configs are YAML; see configs/ for commented examples. Docs: README.md."
+
+
+def _search(args) -> int:
+    from search import runs
+
+    overrides = {}
+    if args.workers is not None:
+        overrides["workers.count"] = args.workers
+    if args.address is not None:
+        overrides.update({"workers.address": args.address, "workers.backend": "ray"})
+    if args.storage is not None:
+        overrides["storage"] = args.storage
+    if args.seed is not None:
+        overrides["sampler.seed"] = args.seed
+    if args.local:
+        overrides["workers.backend"] = "local"
+    config = runs.prepare(Path(args.config), overrides)
+    run_dir = runs.create(config, Path(args.runs_dir))
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    return _run(run_dir, args.stop_after)
+
+
+def _run(run_dir: Path, stop_after: int | None) -> int:
+    from search import report, runs
+
+    summary = runs.run(run_dir, stop_after=stop_after)
+    print(f"{summary['evaluated']} evaluations in {summary['seconds']:.0f} s; best factors: {run_dir / 'best_factors.json'}")
+    if summary.get("report"):
+        print(report.format_report(summary["report"]))
+    return 0
+
+
+def _resume(args) -> int:
+    from search import runs
+
+    runs.load(Path(args.run_dir))
+    return _run(Path(args.run_dir), args.stop_after)
+
+
+def _status(args) -> int:
+    from search import runs
+
+    print(runs.status(Path(args.run_dir)))
+    return 0
+
+
+def _eval(args) -> int:
+    from search.evaluate import format_table, prepare, run_eval
+
+    config, candidates = prepare(Path(args.config))
+    out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    payload = run_eval(config, candidates, out)
+    print(format_table(payload["results"]))
+    print(f"written: {out / 'eval.json'}, {out / 'eval.png'}")
+    return 0
+
+
+def _pretrain(args) -> int:
+    from fitness.config_io import load_yaml
+    from mixed_window_train.pretrain import PretrainConfig, pretrain
+
+    config = load_yaml(args.config, PretrainConfig)
+    if args.seed is not None:
+        config.train.seed = args.seed
+    if args.out is not None:
+        config.out = args.out
+    work = Path(args.work_dir or f"{config.out}.work")
+    result = pretrain(config, work)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ropesearch",
+        description="Extend a pretrained LLM's context window by searching per-dimension RoPE rescale factors "
+        "(LongRoPE2), then export them and fine-tune with mixed short/long windows.",
+        epilog=EPILOG,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("search", help="start a search from a config (creates a run folder)",
+                            description="Start a LongRoPE2 search: an Optuna study over the critical-dimension "
+                            "space, scored by Ray workers on needle documents. Creates RUNS_DIR/<name>-<time>/.")  # fmt: skip
+    p.add_argument("config", help="search config YAML (e.g. configs/default.yaml)")
+    p.add_argument("--runs-dir", default="runs", help="where run folders are created (default: runs)")
+    p.add_argument("--workers", type=int, help="number of scoring workers (overrides workers.count)")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, ray://host:10001); default: "
+                   "$RAY_ADDRESS or a new local cluster")  # fmt: skip
+    p.add_argument("--storage", help="Optuna storage URL or journal file shared by several drivers "
+                   "(default: SQLite in the run folder)")  # fmt: skip
+    p.add_argument("--seed", type=int, help="sampler seed (overrides sampler.seed)")
+    p.add_argument("--local", action="store_true", help="score in this process instead of Ray workers")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_search)
+
+    p = commands.add_parser("resume", help="continue a search from its run folder",
+                            description="Continue a killed or stopped search; finished evaluations are kept.")  # fmt: skip
+    p.add_argument("run_dir", help="a run folder made by `ropesearch search`")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_resume)
+
+    p = commands.add_parser("status", help="progress and best-so-far of a run against the baselines")
+    p.add_argument("run_dir", help="a run folder made by `ropesearch search`")
+    p.set_defaults(handler=_status)
+
+    p = commands.add_parser("eval", help="needle PPL and retrieval vs length for baselines and factor files",
+                            description="Evaluate RoPE methods (none, PI, NTK, dynamic NTK, YaRN, critical-dim "
+                            "NTK) and factor files at multiples of the model's window: table, JSON and PNG.")  # fmt: skip
+    p.add_argument("config", help="eval config YAML (e.g. configs/eval-tiny.yaml)")
+    p.add_argument("--runs-dir", default="runs", help="parent of the output folder (default: runs)")
+    p.add_argument("--out", help="output folder (default: RUNS_DIR/<name>-<time>)")
+    p.set_defaults(handler=_eval)
+
+    p = commands.add_parser("pretrain", help="train the bundled train-short model from its recipe",
+                            description="Train a small Llama from scratch at a short window, with a tokenizer "
+                            "trained here; resumable (its work folder keeps checkpoints).")  # fmt: skip
+    p.add_argument("config", help="recipe YAML (models/tiny-llama/recipe.yaml)")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--out", help="where the finished model goes (overrides `out`)")
+    p.add_argument("--work-dir", help="checkpoints and logs (default: <out>.work)")
+    p.set_defaults(handler=_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RopeSearchError as err:
+        print(f"ropesearch: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ropesearch: interrupted; `ropesearch resume RUN_DIR` continues a search", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

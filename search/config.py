@@ -1,0 +1,82 @@
+"""The search config: one YAML file, validated into these types before anything is written."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fitness.factors import BASELINES
+from fitness.models import ModelSettings
+from fitness.needles import NeedleSettings
+from search.evolution import EvolutionSettings
+from search.space import SpaceSettings
+from search.workers import WorkerSettings
+
+DEFAULT_BASELINES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"]
+
+
+class SamplerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["evolution", "tpe", "cmaes", "random"] = "evolution"
+    seed: int = 0
+    batch: int = Field(default=16, gt=0)  # trials asked at once by Optuna's own samplers
+    evolution: EvolutionSettings = Field(default_factory=EvolutionSettings)
+
+
+class BudgetSettings(BaseModel):
+    """Stop at whichever comes first. Only an evaluation/generation budget gives a reproducible history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluations: int | None = Field(default=None, gt=0)
+    minutes: float | None = Field(default=None, gt=0)
+
+
+class PruningSettings(BaseModel):
+    """Multi-fidelity: score on `documents` first; prune when that partial fitness is worse than the
+    `percentile` of earlier generations' partial fitness."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    documents: int = Field(default=4, gt=0)
+    percentile: float = Field(default=50.0, gt=0, lt=100)
+    min_trials: int = Field(default=16, gt=0)
+
+
+def _holdout_default() -> NeedleSettings:
+    return NeedleSettings(haystack=["docstrings"], seed=1000, documents=32, depths=[0.05 + 0.1 * i for i in range(10)])
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="search", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    scale: float | None = Field(default=None, gt=1)
+    target_window: int | None = Field(default=None, gt=0)
+    needles: NeedleSettings = Field(default_factory=NeedleSettings)
+    holdout: NeedleSettings = Field(default_factory=_holdout_default)
+    space: SpaceSettings = Field(default_factory=SpaceSettings)
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    pruning: PruningSettings = Field(default_factory=PruningSettings)
+    storage: str | None = None  # an Optuna RDB URL or a journal file; None: SQLite in the run folder
+    baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "SearchConfig":
+        if (self.scale is None) == (self.target_window is None):
+            raise ValueError("give exactly one of scale and target_window")
+        if self.pruning.enabled and self.pruning.documents >= self.needles.documents:
+            raise ValueError("pruning.documents must be fewer than needles.documents")
+        unknown = [name for name in self.baselines if name not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINES)}")
+        return self
+
+    def target(self, original_window: int) -> int:
+        return self.target_window or int(round(original_window * self.scale))

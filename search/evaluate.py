@@ -1,0 +1,86 @@
+"""`ropesearch eval CONFIG`: needle PPL and retrieval against length for baselines and factor files."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fitness.config_io import load_yaml
+from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
+from fitness.factors import BASELINES, RopeCandidate, check_geometry
+from fitness.geometry import geometry_from_config
+from fitness.models import ModelSettings, load_config, load_model
+from fitness.needles import NeedleSettings, haystack_texts
+from search.report import plot_lengths
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    needles: NeedleSettings = Field(default_factory=NeedleSettings)
+    multiples: list[float] = Field(default_factory=lambda: [1, 2, 4])  # of the original window
+    methods: list[str] = Field(default_factory=lambda: ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"])
+    factors: dict[str, str] = Field(default_factory=dict)  # label: factor file (e.g. a run's best_factors.json)
+    candidates_per_forward: int = Field(default=4, gt=0)
+    documents_per_forward: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _known(self) -> "EvalConfig":
+        unknown = [m for m in self.methods if m not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {list(BASELINES)}")
+        if any(m <= 0 for m in self.multiples):
+            raise ValueError("multiples must be positive")
+        return self
+
+
+def format_table(results: dict) -> str:
+    lengths = sorted({int(n) for rows in results.values() for n in rows})
+    head = f"{'method':<16}" + "".join(f"{n:>16}" for n in lengths)
+    lines = ["needle PPL (retrieval) by length", head]
+    for name, rows in results.items():
+        cells = "".join(f"{rows[n]['needle_ppl']:>9.4g} ({rows[n]['retrieval']:>4.0%})" for n in lengths)
+        lines.append(f"{name:<16}{cells}")
+    return "\n".join(lines)
+
+
+def prepare(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
+    """Validate the config, the model and every factor file before anything runs."""
+    config = load_yaml(config_path, EvalConfig)
+    geometry = geometry_from_config(load_config(config.model.name))
+    haystack_texts(config.needles.haystack)
+    candidates = {}
+    for label, path in config.factors.items():
+        candidates[label] = RopeCandidate.load(path)
+        check_geometry(candidates[label], geometry, source=path)
+    return config, candidates
+
+
+def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: Path) -> dict:
+    model, tokenizer = load_model(config.model)
+    geometry = geometry_from_config(model.config)
+    methods = {name: baseline_method(name, geometry) for name in config.methods}
+    methods.update({label: fixed_method(c) for label, c in candidates.items()})
+    lengths = [int(round(geometry.original_window * m)) for m in config.multiples]
+    started = time.time()
+    results = evaluate_methods(
+        model, tokenizer, config.needles, lengths, methods, config.documents_per_forward, config.candidates_per_forward
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": config.model.name,
+        "device": str(next(model.parameters()).device),
+        "dtype": config.model.dtype,
+        "original_window": geometry.original_window,
+        "documents": config.needles.documents,
+        "seconds": time.time() - started,
+        "results": results,
+    }
+    (out_dir / "eval.json").write_text(json.dumps(payload, indent=2))
+    plot_lengths(results, geometry.original_window, out_dir / "eval.png")
+    return payload

@@ -1,0 +1,224 @@
+"""LongRoPE2's evolutionary search as an Optuna sampler.
+
+Generation 0 is the population: seeds (YaRN's ramp, PI, NTK, critical-dim NTK at every critical
+pair of the range) and random points. Each later generation is `mutations + crossovers` children
+of the best `parents` found so far. Every trial is a (generation, slot) pair stored in its system
+attributes; the proposals of generation g are a pure function of the seed, g and the finished
+trials of earlier generations, so they need no RNG state to resume and do not depend on how many
+workers score them or how often the driver was killed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fitness.factors import baseline
+from search.space import RopeSpace
+
+GENERATION = "ropesearch:generation"
+SLOT = "ropesearch:slot"
+ERROR = "ropesearch:error"
+INTERRUPTED = "interrupted"  # a trial whose driver died: its slot is asked again, and it is no attempt
+DUPLICATE = "duplicate"  # a slot two drivers took at once: the later trial steps back, no attempt either
+
+
+class EvolutionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    population: int = Field(default=64, gt=1)
+    parents: int = Field(default=32, gt=1)
+    mutations: int = Field(default=16, ge=0)
+    crossovers: int = Field(default=16, ge=0)
+    mutation_prob: float = Field(default=0.3, gt=0, le=1)
+    mutation_step: float = Field(default=0.05, gt=0)  # std of a factor step, as a fraction of s
+    critical_dim_prob: float = Field(default=0.3, ge=0, le=1)
+    generations: int = Field(default=40, gt=0)
+    max_attempts: int = Field(default=2, gt=0)  # evaluations of a slot that may fail before it is given up
+
+    @model_validator(mode="after")
+    def _children(self) -> "EvolutionSettings":
+        if self.mutations + self.crossovers == 0:
+            raise ValueError("mutations + crossovers must be at least 1")
+        return self
+
+
+@dataclass
+class SlotState:
+    generation: int  # the first generation with unsettled slots (== generations when the search is done)
+    open_slots: list[int]  # slots to ask now
+    running: int  # slots being evaluated (here or by another driver)
+
+    @property
+    def finished(self) -> bool:
+        return not self.open_slots and not self.running
+
+
+class EvolutionarySampler(BaseSampler):
+    def __init__(self, space: RopeSpace, settings: EvolutionSettings, seed: int = 0):
+        self.space, self.settings, self.seed = space, settings, seed
+        self._proposals: dict[int, list[dict]] = {}
+        self._assigned: dict[int, tuple[int, int]] = {}
+        self._fallback = RandomSampler(seed=seed)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def generation_size(self, generation: int) -> int:
+        return self.settings.population if generation == 0 else self.settings.mutations + self.settings.crossovers
+
+    @property
+    def total_evaluations(self) -> int:
+        return sum(self.generation_size(g) for g in range(self.settings.generations))
+
+    @staticmethod
+    def slot_of(trial: FrozenTrial) -> tuple[int, int] | None:
+        attrs = trial.system_attrs
+        return (attrs[GENERATION], attrs[SLOT]) if GENERATION in attrs else None
+
+    def _by_slot(self, trials: list[FrozenTrial]) -> dict[tuple[int, int], list[FrozenTrial]]:
+        by_slot = defaultdict(list)
+        for trial in trials:
+            if (slot := self.slot_of(trial)) is not None:
+                by_slot[slot].append(trial)
+        return by_slot
+
+    def state(self, study) -> SlotState:
+        by_slot = self._by_slot(study.get_trials(deepcopy=False))
+        for generation in range(self.settings.generations):
+            open_slots, running = [], 0
+            for slot in range(self.generation_size(generation)):
+                trials = by_slot.get((generation, slot), [])
+                states = {t.state for t in trials}
+                if states & {TrialState.COMPLETE, TrialState.PRUNED}:
+                    continue
+                if states & {TrialState.RUNNING, TrialState.WAITING}:
+                    running += 1
+                    continue
+                failures = [t for t in trials if not str(t.system_attrs.get(ERROR, "")).startswith((INTERRUPTED, DUPLICATE))]
+                if len(failures) < self.settings.max_attempts:
+                    open_slots.append(slot)
+            if open_slots or running:
+                return SlotState(generation, open_slots, running)
+        return SlotState(self.settings.generations, [], 0)
+
+    def finished_history(self, study, before_generation: int) -> list[FrozenTrial]:
+        """One finished trial per slot of the generations before `before_generation`, best first."""
+        chosen: dict[tuple[int, int], FrozenTrial] = {}
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            slot = self.slot_of(trial)
+            if slot and slot[0] < before_generation and (slot not in chosen or trial.number < chosen[slot].number):
+                chosen[slot] = trial
+        return sorted(chosen.values(), key=lambda t: (t.value, self.slot_of(t)))
+
+    # ---------------------------------------------------------------- the Optuna sampler interface
+    def infer_relative_search_space(self, study, trial):
+        return self.space.distributions()
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        state = self.state(study)
+        if not state.open_slots:
+            raise RuntimeError("the evolutionary sampler has no open slot: ask only while state().open_slots")
+        assigned = (state.generation, state.open_slots[0])
+        study._storage.set_trial_system_attr(trial._trial_id, GENERATION, assigned[0])
+        study._storage.set_trial_system_attr(trial._trial_id, SLOT, assigned[1])
+        self._assigned[trial._trial_id] = assigned
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
+        generation, slot = self._assigned.pop(trial._trial_id)
+        return dict(self.proposals(study, generation)[slot])
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    # ---------------------------------------------------------------- proposals
+    def proposals(self, study, generation: int) -> list[dict]:
+        if generation not in self._proposals:
+            history = self.finished_history(study, generation)
+            seen = {self.space.key(t.params) for t in history}
+            rng = random.Random(f"evolution:{self.seed}:{generation}")
+            if generation == 0:
+                children = self._initial_population(rng, seen)
+            else:
+                children = self._children(rng, history, seen)
+            self._proposals[generation] = children
+        return self._proposals[generation]
+
+    def _novel(self, params: dict, seen: set) -> dict | None:
+        params = self.space.repair(params)
+        key = self.space.key(params)
+        if key in seen:
+            return None
+        seen.add(key)
+        return params
+
+    def seeds(self) -> list[dict]:
+        space = self.space
+        g, window = space.geometry, space.target_window
+        seeds = [space.encode(baseline(name, g, window)) for name in ("yarn", "pi", "ntk")]
+        if space.critical:
+            low, high = space.critical_range
+            seeds += [space.encode(baseline("critical_ntk", g, window, critical_dim=c)) for c in range(low, high + 1)]
+            theory = min(max(g.critical_dim(), low), high)
+            for stretch in (1.25, 1.5, 2.0):
+                factor = min(space.scale * stretch, space.factor_high)
+                candidate = baseline("critical_ntk", g, window, critical_dim=theory, critical_factor=factor)
+                seeds.append(space.encode(candidate))
+        return seeds
+
+    def _random(self, rng: random.Random) -> dict:
+        space = self.space
+        params = {f"f{i}": space.factor_low + (space.factor_high - space.factor_low) * rng.random() ** 2
+                  for i in range(space.first_searched, space.pairs)}  # fmt: skip
+        if space.critical:
+            params["critical_dim"] = rng.randint(*space.critical_range)
+        if space.settings.search_attention:
+            dist = space.distributions()["attention_factor"]
+            params["attention_factor"] = rng.uniform(dist.low, dist.high)
+        return params
+
+    def _fill(self, rng: random.Random, make, count: int, seen: set) -> list[dict]:
+        children = []
+        while len(children) < count:
+            for _ in range(100):
+                if (child := self._novel(make(), seen)) is not None:
+                    break
+            else:  # the neighbourhood is exhausted: a random point keeps the search moving
+                while (child := self._novel(self._random(rng), seen)) is None:
+                    pass
+            children.append(child)
+        return children
+
+    def _initial_population(self, rng: random.Random, seen: set) -> list[dict]:
+        population = [p for p in (self._novel(s, seen) for s in self.seeds()) if p is not None]
+        population = population[: self.settings.population]
+        return population + self._fill(rng, lambda: self._random(rng), self.settings.population - len(population), seen)
+
+    def _children(self, rng: random.Random, history: list[FrozenTrial], seen: set) -> list[dict]:
+        if not history:  # everything so far failed: start again from random points
+            return self._fill(rng, lambda: self._random(rng), self.generation_size(1), seen)
+        parents = [self.space.repair(t.params) for t in history[: self.settings.parents]]
+        mutants = self._fill(rng, lambda: self._mutate(rng, rng.choice(parents)), self.settings.mutations, seen)
+        crossed = self._fill(
+            rng, lambda: self._cross(rng, *rng.sample(parents, 2) if len(parents) > 1 else parents * 2),
+            self.settings.crossovers, seen,
+        )  # fmt: skip
+        return mutants + crossed
+
+    def _mutate(self, rng: random.Random, parent: dict) -> dict:
+        space, settings = self.space, self.settings
+        child = dict(parent)
+        if space.critical and rng.random() < settings.critical_dim_prob:
+            child["critical_dim"] = parent["critical_dim"] + rng.choice((-1, 1))
+        for i in range(space.first_searched, space.pairs):
+            if rng.random() < settings.mutation_prob:
+                child[f"f{i}"] = parent[f"f{i}"] + rng.gauss(0.0, settings.mutation_step * space.scale)
+        if space.settings.search_attention and rng.random() < settings.mutation_prob:
+            child["attention_factor"] = parent["attention_factor"] * (1 + rng.gauss(0.0, settings.mutation_step))
+        return child
+
+    def _cross(self, rng: random.Random, first: dict, second: dict) -> dict:
+        return {name: (first if rng.random() < 0.5 else second)[name] for name in first}

@@ -1,0 +1,148 @@
+"""Tables and plots: the held-out report, the status of a study, factor curves, fitness over time."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from fitness.factors import RopeCandidate, baseline
+from fitness.geometry import RopeGeometry
+
+CURVES = ("pi", "ntk", "yarn", "critical_ntk")
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def gap_closed(report: dict) -> dict:
+    """How much of the gap between the best baseline and the model's own in-window PPL the search closed."""
+    baselines = {k: v["needle_ppl"] for k, v in report["methods"].items() if k != "searched"}
+    best_name = min(baselines, key=baselines.get)
+    best, searched, own = baselines[best_name], report["methods"]["searched"]["needle_ppl"], report["in_window"]
+    gap = best - own
+    return {
+        "best_baseline": best_name,
+        "best_baseline_ppl": best,
+        "searched_ppl": searched,
+        "in_window_ppl": own,
+        "gap_closed": (best - searched) / gap if gap > 0 else float("nan"),
+        "vs_best_baseline": searched / best - 1,
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"held-out needle set at {report['length']} tokens ({report['documents']} documents, "
+        f"haystack {', '.join(report['haystack'])}, seed {report['seed']}):",
+        f"  {'method':<14}{'needle PPL':>12}{'retrieval':>11}",
+    ]
+    for name, row in sorted(report["methods"].items(), key=lambda item: item[1]["needle_ppl"]):
+        lines.append(f"  {name:<14}{row['needle_ppl']:>12.4g}{row['retrieval']:>10.0%}")
+    lines.append(f"  {'(in window)':<14}{report['in_window']:>12.4g}   at {report['original_window']} tokens, no scaling")
+    summary = gap_closed(report)
+    lines.append(
+        f"searched vs best baseline ({summary['best_baseline']}): {summary['vs_best_baseline']:+.1%} needle PPL; "
+        f"gap to the in-window PPL closed: {summary['gap_closed']:.0%}"
+    )
+    return "\n".join(lines)
+
+
+def format_status(study, baselines: dict, total: int | None, sampler_state=None) -> str:
+    trials = study.get_trials(deepcopy=False)
+    count = {state: sum(t.state == state for t in trials) for state in TrialState}
+    lines = [
+        f"study {study.study_name}: {count[TrialState.COMPLETE]} evaluations"
+        + (f" of {total}" if total else "")
+        + f", {count[TrialState.RUNNING]} running, {count[TrialState.FAIL]} failed, {count[TrialState.PRUNED]} pruned"
+    ]
+    if sampler_state is not None:
+        lines.append(f"generation {sampler_state.generation}: {len(sampler_state.open_slots)} slots open")
+    if count[TrialState.COMPLETE]:
+        best = study.best_trial
+        lines.append(f"best so far: needle PPL {best.value:.4g} (trial {best.number}, "
+                     f"retrieval {best.user_attrs.get('retrieval', float('nan')):.0%})")  # fmt: skip
+        for name, row in sorted(baselines.items(), key=lambda item: item[1]["fitness"]):
+            lines.append(f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        reasons = {}
+        for t in failed:
+            reason = str(t.system_attrs.get("ropesearch:error", "unknown")).split(":")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines.append("failures: " + ", ".join(f"{n}x {r}" for r, n in reasons.items()))
+    return "\n".join(lines)
+
+
+def plot_factors(candidate: RopeCandidate, geometry: RopeGeometry, target: int, path: Path) -> None:
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pairs = range(geometry.pairs)
+    for name in CURVES:
+        ax.plot(pairs, baseline(name, geometry, target).long_factors, label=name, lw=1, alpha=0.8)
+    ax.plot(pairs, candidate.long_factors, label="searched", lw=2.5, color="black")
+    if "critical_dim" in candidate.params:
+        ax.axvline(candidate.params["critical_dim"], color="black", ls=":", lw=1, label="searched critical pair")
+    ax.axvline(geometry.critical_dim(), color="gray", ls="--", lw=1, label="theoretical critical pair")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency pair i (0 = highest frequency)")
+    ax.set_ylabel("rescale factor λ_i")
+    ax.set_title(f"rescale factors for {target} tokens (s = {target / geometry.original_window:g})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fitness(study, baselines: dict, path: Path) -> None:
+    plt = _matplotlib()
+    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    if not trials:
+        return
+    values = [t.value for t in trials]
+    best, running = [], math.inf
+    for value in values:
+        running = min(running, value)
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(range(1, len(values) + 1), values, s=6, alpha=0.4, label="evaluation")
+    ax.plot(range(1, len(values) + 1), best, color="black", lw=2, label="best so far")
+    for name in ("yarn", "ntk", "critical_ntk"):
+        if name in baselines:
+            ax.axhline(baselines[name]["fitness"], ls="--", lw=1, label=name, color=f"C{CURVES.index(name) + 1}")
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("needle PPL (search documents)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lengths(results: dict, original_window: int, path: Path) -> None:
+    """Needle PPL and retrieval against length, one line per method."""
+    plt = _matplotlib()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, by_length in results.items():
+        lengths = sorted(by_length, key=int)
+        left.plot([int(n) for n in lengths], [by_length[n]["needle_ppl"] for n in lengths], marker="o", label=name)
+        right.plot([int(n) for n in lengths], [by_length[n]["retrieval"] for n in lengths], marker="o", label=name)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.axvline(original_window, color="gray", ls=":", lw=1)
+        ax.set_xlabel("tokens")
+    left.set_yscale("log")
+    left.set_ylabel("needle PPL")
+    right.set_ylabel("retrieval (exact match)")
+    right.set_ylim(-0.02, 1.02)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,32 @@
+"""Where a study lives: SQLite in the run folder by default, any Optuna RDB URL, or a journal file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+from fitness.errors import RopeSearchError
+
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+SQLITE_TIMEOUT_S = 60  # wait this long for another process's lock before giving up
+
+
+def storage_url(spec: str | None, run_dir: Path) -> str:
+    return spec or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
+
+
+def open_storage(spec: str | None, run_dir: Path) -> optuna.storages.BaseStorage:
+    url = storage_url(spec, run_dir)
+    if "://" not in url:
+        if not url.endswith(JOURNAL_SUFFIXES):
+            raise RopeSearchError(f"storage {url!r}: give an RDB URL (sqlite:///..., postgresql://...) or a journal "
+                                  f"file ending in {', '.join(JOURNAL_SUFFIXES)}")  # fmt: skip
+        return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
+    kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as err:  # SQLAlchemy/driver errors: the first line says what went wrong
+        raise RopeSearchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,161 @@
+"""Scoring workers: each holds one model replica and the tokenized needle documents.
+
+`ScoringWorker` is a plain class. `RayPool` runs one per Ray actor (local cluster by default, an
+existing one by address), replaces an actor that dies and re-runs its batch; `LocalPool` runs one
+in this process (tests, notebooks, and the reference for Ray's overhead). Both hand back results
+in completion order, and a batch that fails comes back as an error string, never as an exception
+that stops the search.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fitness.factors import RopeCandidate
+from fitness.models import ModelSettings, load_model
+from fitness.needles import NeedleSettings, build_needle_set
+from fitness.scoring import score_candidates
+
+
+class WorkerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["ray", "local"] = "ray"
+    count: int = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=1.0, ge=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); None starts a local one
+    candidates_per_forward: int = Field(default=4, gt=0)
+    documents_per_forward: int = Field(default=1, gt=0)
+    max_restarts: int = Field(default=3, ge=0)  # per batch, when its actor dies
+
+
+class ScoringWorker:
+    """One model replica and its needle set; scores batches of candidates."""
+
+    def __init__(self, model: dict, needles: dict, length: int, documents_per_forward: int = 1):
+        self.model, self.tokenizer = load_model(ModelSettings(**model))
+        self.needles = build_needle_set(self.tokenizer, NeedleSettings(**needles), length)
+        self.documents_per_forward = documents_per_forward
+
+    def info(self) -> dict:
+        device = next(self.model.parameters()).device
+        return {"pid": os.getpid(), "device": str(device), "documents": len(self.needles)}
+
+    def score(self, candidates: list[str], documents: list[int] | None = None) -> list[dict]:
+        """Scores of candidates (as JSON) on all documents, or on the given subset."""
+        needles = self.needles if documents is None else self.needles.subset(documents)
+        parsed = [RopeCandidate.model_validate_json(c) for c in candidates]
+        started = time.perf_counter()
+        scores = score_candidates(self.model, needles, parsed, self.documents_per_forward)
+        seconds = time.perf_counter() - started
+        return [{**s.to_dict(), "seconds": seconds / len(parsed)} for s in scores]
+
+
+@dataclass
+class Job:
+    """A batch of candidates to score; `tag` is the caller's."""
+
+    tag: object
+    candidates: Sequence[RopeCandidate]
+    documents: list[int] | None = None
+
+
+@dataclass
+class Outcome:
+    job: Job
+    scores: list[dict] | None
+    error: str | None = None
+
+
+class LocalPool:
+    """One worker in this process."""
+
+    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int):
+        self.worker = ScoringWorker(model, needles, length, settings.documents_per_forward)
+        self.size = 1
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        for job in jobs:
+            try:
+                yield Outcome(job, self.worker.score([c.model_dump_json() for c in job.candidates], job.documents))
+            except Exception as err:  # one failed batch never stops the search
+                yield Outcome(job, None, f"{type(err).__name__}: {err}")
+
+    def close(self) -> None:
+        pass
+
+
+class RayPool:
+    """`settings.count` Ray actors; the driver reads like the local version."""
+
+    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int):
+        import ray
+
+        self.ray, self.settings = ray, settings
+        if not ray.is_initialized():
+            address = settings.address or os.environ.get("RAY_ADDRESS")
+            kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                cpus = max(os.cpu_count() or 1, int(settings.count * settings.cpus_per_worker + 0.999))
+                ray.init(num_cpus=cpus, **kwargs)
+        self.actor_class = ray.remote(ScoringWorker).options(
+            num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker, max_restarts=0
+        )
+        self.args = (model, needles, length, settings.documents_per_forward)
+        self.actors = [self._start() for _ in range(settings.count)]
+        ray.get([a.info.remote() for a in self.actors])  # fail here, clearly, if a worker cannot load
+        self.size = len(self.actors)
+
+    def _start(self):
+        return self.actor_class.remote(*self.args)
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        ray = self.ray
+        queue = list(reversed(jobs))
+        restarts: dict[int, int] = {}
+        idle = list(range(len(self.actors)))
+        pending = {}
+        while queue or pending:
+            while queue and idle:
+                index, job = idle.pop(), queue.pop()
+                payload = [c.model_dump_json() for c in job.candidates]
+                pending[self.actors[index].score.remote(payload, job.documents)] = (index, job)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index, job = pending.pop(done[0])
+            try:
+                scores = ray.get(done[0])
+            except ray.exceptions.RayActorError as err:  # the worker died: replace it, run the batch again
+                self.actors[index] = self._start()
+                idle.append(index)
+                restarts[id(job)] = restarts.get(id(job), 0) + 1
+                if restarts[id(job)] <= self.settings.max_restarts:
+                    queue.append(job)
+                else:
+                    yield Outcome(job, None, f"worker died {restarts[id(job)]} times: {str(err).splitlines()[0]}")
+                continue
+            except ray.exceptions.RayTaskError as err:
+                idle.append(index)
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                yield Outcome(job, None, f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}")
+                continue
+            idle.append(index)
+            yield Outcome(job, scores)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+
+
+POOLS = {"ray": RayPool, "local": LocalPool}
+
+
+def make_pool(settings: WorkerSettings, model: dict, needles: dict, length: int):
+    return POOLS[settings.backend](settings, model, needles, length)
