@@ -87,6 +87,27 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import warnings
+
+    from search.export import EXPORTERS, read_source
+
+    candidate = read_source(Path(args.source))
+    model = args.model or candidate.params.get("model")
+    if args.to in ("hf", "gguf") and not model:
+        raise RopeSearchError("--model is needed: the factors do not name the model they were searched on")
+    default_out = {"hf": "exported-hf", "gguf": "exported.gguf", "json": "factors.json", "yaml": "factors.yaml"}
+    out = Path(args.out or default_out[args.to])
+    kwargs = {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = EXPORTERS[args.to](candidate, model, out, **kwargs)
+    for warning in caught:
+        print(f"ropesearch: warning: {warning.message}", file=sys.stderr)
+    print(f"written: {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ropesearch",
@@ -128,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="parent of the output folder (default: runs)")
     p.add_argument("--out", help="output folder (default: RUNS_DIR/<name>-<time>)")
     p.set_defaults(handler=_eval)
+
+    p = commands.add_parser("export", help="write factors into an HF/vLLM model dir, a GGUF copy, JSON or YAML",
+                            description="Export a run's best factors (or a factor file) for inference engines: "
+                            "hf = model directory with a longrope config.json (transformers 4.x/5.x, vLLM); "
+                            "gguf = copy of a GGUF model with longrope tensors (llama.cpp); json/yaml = the "
+                            "candidate with geometry and provenance.")  # fmt: skip
+    p.add_argument("source", help="a run folder or a factor file (.json / .yaml)")
+    p.add_argument("--to", required=True, choices=["hf", "gguf", "json", "yaml"], help="export target")
+    p.add_argument("--model", help="the model to export into (default: the model the run searched)")
+    p.add_argument("--out", help="output path (default: exported-hf/, exported.gguf, factors.json|yaml)")
+    p.add_argument("--config-only", action="store_true", help="hf: write config.json only, no weights")
+    p.add_argument("--static", action="store_true", help="gguf: one rope_freqs vector at every length")
+    p.set_defaults(handler=_export)
 
     p = commands.add_parser("pretrain", help="train the bundled train-short model from its recipe",
                             description="Train a small Llama from scratch at a short window, with a tokenizer "

