@@ -17,7 +17,7 @@ def validation_message(err: ValidationError) -> str:
     """`key.path: message` for the first error, on one line."""
     first = err.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].replace("\n", " ")
+    message = first["msg"].replace("\n", " ").removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""

@@ -8,6 +8,7 @@ Aliases:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -119,3 +120,25 @@ def load_model(settings: ModelSettings | str):
     model.to(settings.resolved_device()).eval()
     model.config.use_cache = False
     return model, load_tokenizer(settings.name)
+
+
+def save_hf_model(model, tokenizer, out: Path) -> Path:
+    """Save in a form both transformers 4.x and 5.x read: 5.x writes only `rope_parameters` (4.x
+    ignores it) and names its tokenizer class `TokenizersBackend` (4.x does not know it)."""
+    from fitness.geometry import geometry_from_config
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    config_path = out / "config.json"
+    data = json.loads(config_path.read_text())
+    data.setdefault("rope_theta", geometry_from_config(model.config).base)
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = out / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        data = json.loads(tokenizer_config.read_text())
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return out

@@ -25,7 +25,7 @@ from fitness.errors import RopeSearchError
 
 SENTENCE_END = re.compile(r"(?<=[.!?:;])(?=\s)|(?=\n)")
 WORD = re.compile(r"\b[a-z]{4,10}\b")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class NeedleSettings(BaseModel):
@@ -100,26 +100,30 @@ def _pydoc_texts() -> list[str]:
 
 
 def _docstring_texts() -> list[str]:
-    """Docstrings of standard-library modules: real English, another source than the pydoc topics."""
-    import importlib
-    import inspect
+    """Docstrings of standard-library modules, read from their source files (not from imported
+    objects, whose set depends on what else the process imported): real English, another source
+    than the pydoc topics."""
+    import ast
+    import importlib.util
 
     names = [
-        "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions", "functools",
-        "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
-        "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "threading", "typing",
-        "unittest", "urllib.parse", "uuid", "zipfile", "textwrap", "difflib", "calendar", "contextlib",
+        "argparse", "asyncio.tasks", "asyncio.events", "collections", "csv", "datetime", "decimal", "email.message",
+        "fractions", "functools", "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib",
+        "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
+        "threading", "typing", "unittest.case", "urllib.parse", "uuid", "zipfile", "textwrap", "difflib",
+        "calendar", "contextlib",
     ]  # fmt: skip
     texts = []
     for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue
-        for _, member in sorted(vars(module).items()):
-            doc = inspect.getdoc(member) if (inspect.isfunction(member) or inspect.isclass(member)) else None
-            if doc and len(doc) > 200 and getattr(member, "__module__", "").startswith(name.split(".")[0]):
-                texts.append(doc)
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    texts.append(doc)
     return texts
 
 

@@ -8,7 +8,6 @@ trained here with the `tokenizers` library, digits split one per token.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fitness.factors import baseline
 from fitness.geometry import geometry_from_config
+from fitness.models import save_hf_model
 from fitness.needles import Haystack, NeedleSettings, build_document, build_needle_set, haystack_texts
 from fitness.scoring import score_candidates
 from mixed_window_train.trainer import Batch, TrainSettings, train
@@ -204,21 +204,5 @@ def pretrain(config: PretrainConfig, work_dir: Path, stop_after: int | None = No
     result["seconds"] = time.time() - started
     if stop_after is not None and result["step"] < config.train.steps and not result["converged"]:
         return result
-    save_model(model, tokenizer, Path(config.out))
+    save_hf_model(model, tokenizer, Path(config.out))
     return result
-
-
-def save_model(model, tokenizer, out: Path) -> None:
-    """Save in a form both transformers 4.x and 5.x read (5.x writes only `rope_parameters`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    config_path = out / "config.json"
-    data = json.loads(config_path.read_text())
-    data.setdefault("rope_theta", geometry_from_config(model.config).base)
-    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tokenizer_config = out / "tokenizer_config.json"
-    data = json.loads(tokenizer_config.read_text())
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name both 4.x and 5.x resolve
-    tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-

@@ -108,6 +108,20 @@ def _export(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from mixed_window_train.finetune import check_out_dir, finetune, prepare
+
+    config, candidate = prepare(Path(args.config))
+    out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_dir(out, config)
+    print(f"training in {out} (run the same command with --out {out} to resume)", file=sys.stderr)
+    result = finetune(config, candidate, out, stop_after=args.stop_after)
+    if "table" in result:
+        print(result["table"])
+        print(f"model: {out / 'model'}  evaluation: {out / 'evaluation.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ropesearch",
@@ -162,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-only", action="store_true", help="hf: write config.json only, no weights")
     p.add_argument("--static", action="store_true", help="gguf: one rope_freqs vector at every length")
     p.set_defaults(handler=_export)
+
+    p = commands.add_parser("train", help="mixed short/long-window fine-tune with searched factors",
+                            description="Fine-tune a model with packed short documents under the original RoPE and "
+                            "long documents under the searched factors, in the same steps; writes an HF model "
+                            "directory carrying both factor sets, and a before/after evaluation. Resumable.")  # fmt: skip
+    p.add_argument("config", help="training config YAML (e.g. configs/train-tiny.yaml)")
+    p.add_argument("--runs-dir", default="runs", help="parent of the output folder (default: runs)")
+    p.add_argument("--out", help="output folder; an existing one of the same config is resumed")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_train)
 
     p = commands.add_parser("pretrain", help="train the bundled train-short model from its recipe",
                             description="Train a small Llama from scratch at a short window, with a tokenizer "

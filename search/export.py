@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +20,7 @@ import yaml
 from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
+from fitness.hf_config import write_longrope_config
 from fitness.models import load_config, load_model, resolve
 
 EXPORTERS: dict[str, Callable[..., Path]] = {}
@@ -34,42 +33,6 @@ def register_exporter(name: str):
         return fn
 
     return decorate
-
-
-def longrope_config_keys(candidate: RopeCandidate, model_type: str) -> dict:
-    """The config.json keys that make transformers (4.x, 5.x) and vLLM apply this candidate."""
-    g = candidate.geometry
-    short = list(candidate.factors(long=False))
-    if model_type == "phi3":  # Phi3 on transformers 4.x accepts exactly these three keys
-        rope_scaling = {"type": "longrope", "short_factor": short, "long_factor": list(candidate.long_factors)}
-    else:
-        rope_scaling = {
-            "rope_type": "longrope",
-            "short_factor": short,
-            "long_factor": list(candidate.long_factors),
-            "factor": candidate.scale,
-            "original_max_position_embeddings": g.original_window,
-            "attention_factor": candidate.attention_factor,
-        }
-    return {
-        "rope_theta": g.base,
-        "rope_scaling": rope_scaling,
-        "original_max_position_embeddings": g.original_window,
-        "max_position_embeddings": candidate.target_window,
-    }
-
-
-def engine_attention_warnings(candidate: RopeCandidate, model_type: str) -> list[str]:
-    """Where an engine computes another attention factor than the one the search scored with."""
-    g = candidate.geometry
-    implied = math.sqrt(1 + math.log(candidate.scale) / math.log(g.original_window)) if candidate.scale > 1 else 1.0
-    if math.isclose(candidate.attention_factor, implied, rel_tol=1e-6):
-        return []
-    engines = "vLLM" + (" and transformers (Phi3 form)" if model_type == "phi3" else "")
-    return [
-        f"{engines} ignore attention_factor for longrope and use sqrt(1 + ln(s)/ln(L)) = {implied:.6f}, "
-        f"not the {candidate.attention_factor:.6f} this candidate was scored with"
-    ]
 
 
 def _checked(candidate: RopeCandidate, model: str):
@@ -103,14 +66,7 @@ def export_hf(candidate: RopeCandidate, model: str, out: Path, config_only: bool
             loaded, tokenizer = load_model(model)
             save_model(loaded, str(out / "model.safetensors"))
             tokenizer.save_pretrained(out)
-    model_type = data.get("model_type", "")
-    data.pop("rope_parameters", None)  # 5.x form: would disagree with the legacy keys below
-    data.update(longrope_config_keys(candidate, model_type))
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / "config.json")
-    for message in engine_attention_warnings(candidate, model_type):
-        warnings.warn(message, stacklevel=2)
+    write_longrope_config(out, candidate, data)
     return out
 
 

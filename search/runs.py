@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -61,8 +62,12 @@ def create(config: SearchConfig, runs_dir: Path) -> Path:
     tmp = runs_dir / f".{run_dir.name}.tmp"
     tmp.mkdir()
     (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    try:
+        open_storage(config.storage, tmp)  # the study database (or the connection to it) exists before the folder
+    except RopeSearchError:
+        shutil.rmtree(tmp)
+        raise
     os.replace(tmp, run_dir)  # the folder appears whole or not at all
-    open_storage(config.storage, run_dir)  # create the study database now: a run folder always has one
     return run_dir
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitness.errors import RopeSearchError
 from fitness.factors import ATTENTION_FACTORS, RopeCandidate, attention_factor, critical_dim_shape, make_candidate
@@ -32,20 +32,31 @@ class SpaceSettings(BaseModel):
     search_attention: bool = False
     attention_range: tuple[float, float] = (0.8, 1.3)  # multiples of the fixed attention factor
 
-    @model_validator(mode="after")
-    def _check(self) -> "SpaceSettings":
-        if self.critical_dim_range and self.critical_dim_range[0] > self.critical_dim_range[1]:
-            raise ValueError("critical_dim_range must be [low, high] with low <= high")
-        if self.attention not in ATTENTION_FACTORS:
-            try:
-                if float(self.attention) <= 0:
-                    raise ValueError
-            except ValueError:
-                raise ValueError(f"attention must be one of {list(ATTENTION_FACTORS)} or a positive number") from None
-        low, high = self.attention_range
-        if not 0 < low <= high:
-            raise ValueError("attention_range must be [low, high] with 0 < low <= high")
-        return self
+    @field_validator("critical_dim_range")
+    @classmethod
+    def _ordered(cls, value):
+        if value is not None and value[0] > value[1]:
+            raise ValueError("must be [low, high] with low <= high")
+        return value
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, value):
+        if value in ATTENTION_FACTORS:
+            return value
+        try:
+            if float(value) > 0:
+                return value
+        except ValueError:
+            pass
+        raise ValueError(f"must be one of {list(ATTENTION_FACTORS)} or a positive number, got {value!r}")
+
+    @field_validator("attention_range")
+    @classmethod
+    def _attention_range(cls, value):
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
 
 
 class RopeSpace:

@@ -15,6 +15,7 @@ SQLITE_TIMEOUT_S = 60  # wait this long for another process's lock before giving
 
 
 def storage_url(spec: str | None, run_dir: Path) -> str:
+    """The study database: `study.db` in the run folder unless the config names one."""
     return spec or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
 
 

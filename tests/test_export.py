@@ -74,7 +74,7 @@ def test_hf_config_only_and_attention_warning(tmp_path):
 
 
 def test_phi3_gets_its_three_key_form(tmp_path):
-    from search.export import longrope_config_keys
+    from fitness.hf_config import longrope_config_keys
 
     keys = longrope_config_keys(searched_like(), "phi3")
     assert set(keys["rope_scaling"]) == {"type", "short_factor", "long_factor"}

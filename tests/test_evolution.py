@@ -1,0 +1,109 @@
+"""The evolutionary sampler on a real Optuna study: deterministic proposals, no duplicates, slots."""
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fitness.geometry import RopeGeometry
+from search.evolution import ERROR, INTERRUPTED, EvolutionarySampler, EvolutionSettings
+from search.space import RopeSpace, SpaceSettings
+
+GEOMETRY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
+SETTINGS = EvolutionSettings(population=12, parents=4, mutations=3, crossovers=3, generations=4)
+
+
+def objective(candidate):
+    """A smooth stand-in *objective* for sampler mechanics only (the product scores real models)."""
+    return sum((math.log(f) - math.log(4.5)) ** 2 for f in candidate.long_factors[13:]) + candidate.params["critical_dim"]
+
+
+def run_study(tmp_path, name, seed=0, settings=SETTINGS, storage=None):
+    space = RopeSpace(GEOMETRY, 1024, SpaceSettings())
+    sampler = EvolutionarySampler(space, settings, seed=seed)
+    storage = storage or f"sqlite:///{tmp_path / (name + '.db')}"
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True)
+    while not (state := sampler.state(study)).finished:
+        for _ in state.open_slots:
+            trial = study.ask(space.distributions())
+            study.tell(trial, objective(space.decode(trial.params)))
+    return study, sampler, space
+
+
+def signature(study):
+    rows = []
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        rows.append((EvolutionarySampler.slot_of(t), tuple(sorted(t.params.items())), t.value))
+    return sorted(rows)
+
+
+def test_generations_and_determinism(tmp_path):
+    first, sampler, space = run_study(tmp_path, "a")
+    second, _, _ = run_study(tmp_path, "b")
+    other, _, _ = run_study(tmp_path, "c", seed=1)
+    assert len(first.trials) == sampler.total_evaluations == 12 + 3 * 6
+    assert signature(first) == signature(second)
+    assert signature(first) != signature(other)
+
+
+def test_no_candidate_is_evaluated_twice(tmp_path):
+    study, _, space = run_study(tmp_path, "d")
+    keys = [space.key(t.params) for t in study.trials]
+    assert len(keys) == len(set(keys))
+
+
+def test_seeds_come_first_and_children_improve(tmp_path):
+    study, sampler, space = run_study(tmp_path, "e", settings=SETTINGS.model_copy(update={"generations": 8}))
+    by_generation = {}
+    for t in study.trials:
+        by_generation.setdefault(EvolutionarySampler.slot_of(t)[0], []).append(t.value)
+    assert min(by_generation[7]) <= min(by_generation[0])
+    first = study.trials[0]
+    assert space.key(first.params) == space.key(sampler.seeds()[0])
+
+
+def test_failed_slots_are_retried_then_given_up_and_interrupted_ones_are_no_attempt(tmp_path):
+    space = RopeSpace(GEOMETRY, 1024, SpaceSettings())
+    sampler = EvolutionarySampler(space, SETTINGS, seed=0)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="f", sampler=sampler)
+    trial = study.ask(space.distributions())
+    assert sampler.state(study).running == 1 and 0 not in sampler.state(study).open_slots
+    study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
+    study.tell(trial, state=TrialState.FAIL)
+    for attempt in range(SETTINGS.max_attempts):
+        assert sampler.state(study).open_slots[0] == 0
+        again = study.ask(space.distributions())
+        assert again.params == trial.params  # the same proposal for the same slot
+        study._storage.set_trial_system_attr(again._trial_id, ERROR, "RuntimeError: boom")
+        study.tell(again, state=TrialState.FAIL)
+    assert 0 not in sampler.state(study).open_slots  # given up after max_attempts real failures
+
+
+def test_journal_storage_works_too(tmp_path):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))
+    )
+    study, _, _ = run_study(tmp_path, "g", storage=storage)
+    reference, _, _ = run_study(tmp_path, "h")
+    assert signature(study) == signature(reference)
+
+
+def test_optuna_samplers_share_the_space(tmp_path):
+    space = RopeSpace(GEOMETRY, 1024, SpaceSettings())
+    for sampler in (optuna.samplers.TPESampler(seed=0), optuna.samplers.CmaEsSampler(seed=0),
+                    optuna.samplers.RandomSampler(seed=0)):  # fmt: skip
+        study = optuna.create_study(sampler=sampler)
+        for _ in range(12):
+            trial = study.ask(space.distributions())
+            candidate = space.decode(trial.params)
+            assert list(candidate.long_factors) == sorted(candidate.long_factors)
+            study.tell(trial, objective(candidate))
+
+
+@pytest.mark.parametrize("bad", [{"mutations": 0, "crossovers": 0}, {"population": 1}])
+def test_bad_settings(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        EvolutionSettings(**bad)
