@@ -142,3 +142,14 @@ def save_hf_model(model, tokenizer, out: Path) -> Path:
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
         tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def machine_name(device: str | torch.device = "cpu") -> str:
+    """What results are measured on: the GPU's name, or the CPU and its core count."""
+    import os
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

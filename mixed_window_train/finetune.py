@@ -20,7 +20,7 @@ from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
-from fitness.models import ModelSettings, load_config, load_model, save_hf_model
+from fitness.models import ModelSettings, load_config, load_model, machine_name, save_hf_model
 from fitness.needles import Haystack, NeedleSettings
 from fitness.patch import apply_candidates
 from mixed_window_train.data import MixedBatches, MixedData, heldout_windows, split_pieces
@@ -84,6 +84,7 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     _, heldout_text = split_pieces(held_out.pieces, config.data.holdout_every)
     windows = heldout_windows(heldout_text, geometry.original_window, config.evaluation.short_windows)
     comparison = compare(base, model, tokenizer, candidate, config.evaluation.needles, windows)
+    result["machine"] = machine_name(next(model.parameters()).device)
     result["evaluation"] = comparison
     result["table"] = format_comparison(comparison, candidate.target_window, geometry.original_window)
     tmp = out_dir / "evaluation.json.tmp"

@@ -37,6 +37,7 @@ class TrainSettings(BaseModel):
     clip: float = Field(default=1.0, gt=0)
     precision: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    loss_chunk: int = Field(default=0, ge=0)  # >0: LM head + loss over this many positions at a time
     checkpoint_every: int = Field(default=200, gt=0)
     eval_every: int = Field(default=0, ge=0)  # 0: only at the end
     seed: int = 0
@@ -71,6 +72,28 @@ def weighted_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     weights = batch.loss_weight[:, 1:].to(logits.device, torch.float32)
     per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
     return (per_token * weights).sum() / weights.sum().clamp_min(1e-9)
+
+
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    logits = head(hidden).float()
+    return (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weights).sum()
+
+
+def chunked_lm_loss(model, batch: Batch, position_ids, chunk: int) -> torch.Tensor:
+    """The same loss without the [batch, length, vocab] logits: the LM head runs over `chunk` positions
+    at a time and is recomputed in the backward pass (a 32k x 49k-vocab row would need ~6 GB)."""
+    device = next(model.parameters()).device
+    hidden = model.model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)[0]
+    head = model.get_output_embeddings()
+    targets = batch.input_ids[:, 1:].to(device)
+    weights = batch.loss_weight[:, 1:].to(device, torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[1], chunk):
+        end = min(start + chunk, targets.shape[1])
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sum, head, hidden[:, start:end], targets[:, start:end], weights[:, start:end], use_reentrant=False
+        )
+    return total / weights.sum().clamp_min(1e-9)
 
 
 def _rng_state() -> dict:
@@ -170,8 +193,11 @@ def train(
                 set_rotary_rows(batch.rotary_rows)
             position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
             with autocast:
-                out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
-                loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum
+                if settings.loss_chunk:
+                    loss = chunked_lm_loss(model, batch, position_ids, settings.loss_chunk) / settings.grad_accum
+                else:
+                    out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
+                    loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum
             loss.backward()
             loss_sum += loss.item()
             tokens += batch.tokens

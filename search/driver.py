@@ -236,6 +236,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     budget = total_budget(ctx)
     try:
         score_baselines(ctx, pool)
+        loop_started = time.time()
         progress = tqdm(total=budget, initial=completed(ctx), desc="search", unit="eval", disable=quiet,
                         dynamic_ncols=True, mininterval=1.0)  # fmt: skip
         while True:
@@ -264,12 +265,14 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                         progress.update(1)
                 heartbeat(ctx)
                 best = ctx.study.best_value if completed(ctx) else float("nan")
-                progress.set_postfix(best=f"{best:.4g}", eval_s=f"{evaluated / (time.time() - started):.2f}")
+                progress.set_postfix(best=f"{best:.4g}", eval_s=f"{evaluated / (time.time() - loop_started):.2f}")
             write_best(ctx)
         progress.close()
     finally:
         pool.close()
-    return {"evaluated": evaluated, "seconds": time.time() - started, "completed": completed(ctx)}
+    ended = time.time()
+    return {"evaluated": evaluated, "seconds": ended - started, "loop_seconds": ended - loop_started,
+            "completed": completed(ctx)}  # fmt: skip
 
 
 def write_best(ctx: SearchContext) -> RopeCandidate | None:

@@ -12,7 +12,7 @@ from fitness.config_io import load_yaml
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.factors import BASELINES, RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
-from fitness.models import ModelSettings, load_config, load_model
+from fitness.models import ModelSettings, load_config, load_model, machine_name
 from fitness.needles import NeedleSettings, haystack_texts
 from search.report import plot_lengths
 
@@ -74,7 +74,7 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": config.model.name,
-        "device": str(next(model.parameters()).device),
+        "machine": machine_name(next(model.parameters()).device),
         "dtype": config.model.dtype,
         "original_window": geometry.original_window,
         "documents": config.needles.documents,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from optuna.trial import TrialState
@@ -14,11 +15,15 @@ CURVES = ("pi", "ntk", "yarn", "critical_ntk")
 
 
 def _matplotlib():
-    import matplotlib
+    """pyplot, or None (with a warning) where matplotlib is missing: a search never fails on a plot."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plots (pip install matplotlib)", stacklevel=3)
+        return None
     return plt
 
 
@@ -83,6 +88,8 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
 
 def plot_factors(candidate: RopeCandidate, geometry: RopeGeometry, target: int, path: Path) -> None:
     plt = _matplotlib()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4))
     pairs = range(geometry.pairs)
     for name in CURVES:
@@ -103,6 +110,8 @@ def plot_factors(candidate: RopeCandidate, geometry: RopeGeometry, target: int, 
 
 def plot_fitness(study, baselines: dict, path: Path) -> None:
     plt = _matplotlib()
+    if plt is None:
+        return
     trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
     if not trials:
         return
@@ -129,6 +138,8 @@ def plot_fitness(study, baselines: dict, path: Path) -> None:
 def plot_lengths(results: dict, original_window: int, path: Path) -> None:
     """Needle PPL and retrieval against length, one line per method."""
     plt = _matplotlib()
+    if plt is None:
+        return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, by_length in results.items():
         lengths = sorted(by_length, key=int)

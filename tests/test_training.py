@@ -118,3 +118,21 @@ def test_trained_model_loads_in_plain_transformers_with_both_factor_sets(tmp_pat
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 1024)))
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, candidate.inv_freq(long=True))
+
+
+def test_chunked_loss_equals_full_logits_loss(tiny):
+    from mixed_window_train.trainer import Batch, chunked_lm_loss, weighted_lm_loss
+
+    model, _ = tiny
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randint(0, 2000, (2, 300), generator=generator), torch.rand(2, 300, generator=generator))
+    full = weighted_lm_loss(model(input_ids=batch.input_ids).logits, batch)
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    chunked = chunked_lm_loss(model, batch, None, chunk=64)
+    chunked.backward()
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    model.zero_grad()

@@ -1,0 +1,96 @@
+"""Search throughput with 1 and 2 Ray workers, and the loop's overhead over scoring in-process.
+
+Runs the same number of evaluations of a search config three ways, in one run (JSON out):
+  in_process   the candidates of those evaluations scored by one ScoringWorker in this process:
+               no Optuna, no proposals, no Ray (the floor)
+  local        the whole search loop, scoring in the driver process (Optuna + proposals + storage)
+  ray_1, ray_2 the whole loop with 1 and 2 Ray workers (startup reported apart)
+
+    python benchmarks/search_throughput.py configs/default.yaml --evaluations 96 \
+        --out benchmarks/results/search-throughput-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from search import driver, runs  # noqa: E402
+from search.workers import ScoringWorker  # noqa: E402
+
+
+def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = runs.prepare(config_path, {"budget.minutes": None, **overrides})
+        run_dir = runs.create(config, Path(tmp))
+        ctx = driver.open_context(run_dir, config)
+        summary = driver.search(ctx, stop_after=evaluations, quiet=True)
+        candidates = [ctx.candidate(t.params) for t in sorted(ctx.study.trials, key=lambda t: t.number)]
+    summary["evaluations_per_s"] = summary["evaluated"] / summary["loop_seconds"]
+    summary["startup_seconds"] = summary["seconds"] - summary["loop_seconds"]
+    return summary, candidates, config, ctx.target
+
+
+def in_process(config, candidates, target: int) -> dict:
+    worker = ScoringWorker(config.model.model_dump(), config.needles.model_dump(), target,
+                           config.workers.documents_per_forward)  # fmt: skip
+    k = config.workers.candidates_per_forward
+    batches = [[c.model_dump_json() for c in candidates[i : i + k]] for i in range(0, len(candidates), k)]
+    worker.score(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        worker.score(batch)
+    seconds = time.perf_counter() - start
+    return {"evaluated": len(candidates), "loop_seconds": seconds, "evaluations_per_s": len(candidates) / seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--evaluations", type=int, default=96)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    results = {}
+    local, candidates, config, target = run_search(args.config, args.evaluations, {"workers.backend": "local"})
+    results["local"] = local
+    results["in_process"] = in_process(config, candidates, target)
+    for count in args.workers:
+        results[f"ray_{count}"], *_ = run_search(
+            args.config, args.evaluations, {"workers.backend": "ray", "workers.count": count}
+        )
+        import ray
+
+        ray.shutdown()
+    floor = results["in_process"]["evaluations_per_s"]
+    summary = {
+        "loop_overhead_local": floor / results["local"]["evaluations_per_s"] - 1,
+        "loop_overhead_ray_1": floor / results["ray_1"]["evaluations_per_s"] - 1 if "ray_1" in results else None,
+    }
+    if "ray_1" in results and "ray_2" in results:
+        summary["ray_2_over_ray_1"] = results["ray_2"]["evaluations_per_s"] / results["ray_1"]["evaluations_per_s"]
+    documents = config.needles.documents
+    for row in results.values():
+        row["candidate_docs_per_s"] = row["evaluations_per_s"] * documents
+    payload = {"machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+               f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores",
+               "config": str(args.config), "documents": documents, "results": results, "summary": summary}  # fmt: skip
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
