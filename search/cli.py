@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -198,8 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_log() -> None:
+    """Events worth a line (a worker restarted, drivers marked interrupted) go to stderr as `ropesearch: ...`."""
+    logger = logging.getLogger("ropesearch")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ropesearch: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _one_line_log()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -9,6 +9,7 @@ that stops the search.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from fitness.factors import RopeCandidate
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
+
+log = logging.getLogger("ropesearch")
 
 
 class WorkerSettings(BaseModel):
@@ -33,6 +36,7 @@ class WorkerSettings(BaseModel):
     candidates_per_forward: int = Field(default=4, gt=0)
     documents_per_forward: int = Field(default=1, gt=0)
     max_restarts: int = Field(default=3, ge=0)  # per batch, when its actor dies
+    in_flight: int = Field(default=2, gt=0)  # batches queued per worker: hides the driver's time between them
 
 
 class ScoringWorker:
@@ -118,40 +122,50 @@ class RayPool:
         return self.actor_class.remote(*self.args)
 
     def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        """Keep `in_flight` jobs queued on every actor, so a GPU never waits for the driver's bookkeeping."""
         ray = self.ray
         queue = list(reversed(jobs))
         restarts: dict[int, int] = {}
-        idle = list(range(len(self.actors)))
-        pending = {}
+        pending: dict = {}  # ref -> (actor index, the actor it went to, job)
+        busy = [0] * len(self.actors)
         while queue or pending:
-            while queue and idle:
-                index, job = idle.pop(), queue.pop()
-                payload = [c.model_dump_json() for c in job.candidates]
-                pending[self.actors[index].score.remote(payload, job.documents)] = (index, job)
+            for index in range(len(self.actors)):
+                while queue and busy[index] < self.settings.in_flight:
+                    job = queue.pop()
+                    payload = [c.model_dump_json() for c in job.candidates]
+                    pending[self.actors[index].score.remote(payload, job.documents)] = (index, self.actors[index], job)
+                    busy[index] += 1
             done, _ = ray.wait(list(pending), num_returns=1)
-            index, job = pending.pop(done[0])
+            index, actor, job = pending.pop(done[0])
+            current = actor is self.actors[index]  # False: sent to an actor that died and was replaced
+            if current:
+                busy[index] -= 1
             try:
                 scores = ray.get(done[0])
-            except ray.exceptions.RayActorError as err:  # the worker died: replace it, run the batch again
-                self.actors[index] = self._start()
-                idle.append(index)
+            except ray.exceptions.RayActorError as err:  # the worker died: replace it, run its batches again
+                if current:
+                    log.warning("worker %d died (%s); restarted, its batches run again", index, _first_line(err))
+                    self.actors[index] = self._start()
+                    busy[index] = 0
                 restarts[id(job)] = restarts.get(id(job), 0) + 1
                 if restarts[id(job)] <= self.settings.max_restarts:
                     queue.append(job)
                 else:
-                    yield Outcome(job, None, f"worker died {restarts[id(job)]} times: {str(err).splitlines()[0]}")
+                    yield Outcome(job, None, f"worker died {restarts[id(job)]} times: {_first_line(err)}")
                 continue
             except ray.exceptions.RayTaskError as err:
-                idle.append(index)
                 cause = err.cause if getattr(err, "cause", None) is not None else err
-                yield Outcome(job, None, f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}")
+                yield Outcome(job, None, f"{type(cause).__name__}: {_first_line(cause)}")
                 continue
-            idle.append(index)
             yield Outcome(job, scores)
 
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 POOLS = {"ray": RayPool, "local": LocalPool}
