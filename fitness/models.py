@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -73,33 +74,45 @@ def resolve(name: str) -> tuple[Path, str | None]:
     raise RopeSearchError(f"model {name!r}: no such alias (tiny, smollm2-135m), directory or .gguf file")
 
 
+@contextmanager
+def _loading(name: str, what: str):
+    """Loading errors as one line: transformers raises OSError/ValueError for bad folders, and a torn
+    GGUF file can raise anything its parser meets (struct.error, IndexError...)."""
+    try:
+        yield
+    except RopeSearchError:
+        raise
+    except ImportError as err:
+        raise RopeSearchError(f"model {name!r}: {str(err).splitlines()[0]}") from None
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RopeSearchError(f"model {name!r}: cannot read its {what} ({type(err).__name__}: {first})") from None
+
+
 def load_config(name: str):
     """The model's HF config alone (enough for its RoPE geometry), without loading weights."""
     from transformers import AutoConfig
 
     directory, gguf_file = resolve(name)
-    try:
+    with _loading(name, "config"):
         return AutoConfig.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else (
             AutoConfig.from_pretrained(directory)
         )
-    except (OSError, ValueError, KeyError) as err:
-        raise RopeSearchError(f"model {name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     directory, gguf_file = resolve(name)
-    try:
+    with _loading(name, "tokenizer"):
         return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else (
             AutoTokenizer.from_pretrained(directory)
         )
-    except (OSError, ValueError) as err:
-        raise RopeSearchError(f"model {name!r}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
 
 
 def load_model(settings: ModelSettings | str):
     """(model, tokenizer), eval mode, on the configured device and dtype."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     if isinstance(settings, str):
@@ -111,12 +124,9 @@ def load_model(settings: ModelSettings | str):
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise in a search's output
+    with _loading(settings.name, "weights"):
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    except ImportError as err:
-        raise RopeSearchError(f"model {settings.name!r}: {str(err).splitlines()[0]}") from None
-    except (OSError, ValueError, KeyError) as err:
-        raise RopeSearchError(f"model {settings.name!r}: cannot load ({str(err).splitlines()[0]})") from None
     model.to(settings.resolved_device()).eval()
     model.config.use_cache = False
     return model, load_tokenizer(settings.name)

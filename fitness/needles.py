@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -293,8 +294,12 @@ def build_needle_set(tokenizer, settings: NeedleSettings, length: int, cache: bo
         metas.append(meta)
     needle_set = NeedleSet(torch.tensor(rows, dtype=torch.long), answers, metas)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"input_ids": needle_set.input_ids, "answers": answers, "meta": json.dumps(metas)}, tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"input_ids": needle_set.input_ids, "answers": answers, "meta": json.dumps(metas)}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # a cache that cannot be written only costs time next run
+            tmp.unlink(missing_ok=True)
+            logging.getLogger("ropesearch").warning("needle cache not written (%s)", err)
     return needle_set

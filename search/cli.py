@@ -199,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fault_message(err: BaseException) -> str | None:
+    """One line for faults a user can act on (storage locked, disk full, storage unreachable); None otherwise."""
+    chain, cause = [], err
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " | ".join(f"{type(c).__name__}: {c}" for c in chain).lower()
+    errnos = {getattr(c, "errno", None) for c in chain}
+    after = "; nothing finished is lost: `ropesearch resume RUN_DIR` continues"
+    if "database is locked" in text:
+        return "the study database is locked by another process (it waited $ROPESEARCH_SQLITE_TIMEOUT s)" + after
+    if "disk is full" in text or "no space left" in text or "disk i/o error" in text or errnos & {28, 27}:
+        return "the disk of the run folder is full or failing (a write was refused)" + after  # ENOSPC, EFBIG
+    if "could not connect" in text or "connection refused" in text or "operationalerror" in text:
+        first = next((str(c) for c in chain if type(c).__name__ == "OperationalError"), str(err))
+        return f"storage error: {' '.join(first.split())[:300]}" + after
+    return None
+
+
 def _one_line_log() -> None:
     """Events worth a line (a worker restarted, drivers marked interrupted) go to stderr as `ropesearch: ...`."""
     logger = logging.getLogger("ropesearch")
@@ -219,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     except RopeSearchError as err:
         print(f"ropesearch: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except Exception as err:  # a fault of the environment (storage, disk): one line, and how to go on
+        message = fault_message(err)
+        if message is None:
+            raise
+        print(f"ropesearch: failed: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ropesearch: interrupted; `ropesearch resume RUN_DIR` continues a search", file=sys.stderr)
         return 130

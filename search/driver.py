@@ -7,7 +7,6 @@ marked failed as "interrupted" and their slots are asked again.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -22,7 +21,7 @@ from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.models import load_config
 from search.config import SearchConfig
-from search.evolution import DUPLICATE, ERROR, INTERRUPTED, SLOT, EvolutionarySampler
+from search.evolution import DUPLICATE, ERROR, INTERRUPTED, NO_SLOT, SLOT, EvolutionarySampler
 from search.space import RopeSpace
 from search.storage import open_storage
 from search.workers import Job, make_pool
@@ -140,8 +139,15 @@ def next_jobs(ctx: SearchContext, limit: int | None) -> list[Job] | None:
     by_slot = {}
     for _ in open_slots:
         trial = _ask(ctx)
-        by_slot[ctx.study._storage.get_trial_system_attrs(trial._trial_id)[SLOT]] = trial
+        slot = ctx.study._storage.get_trial_system_attrs(trial._trial_id)[SLOT]
+        if slot == NO_SLOT:
+            ctx.study._storage.set_trial_system_attr(trial._trial_id, ERROR, f"{DUPLICATE}: no open slot left")
+            ctx.study.tell(trial, state=TrialState.FAIL)
+            break
+        by_slot[slot] = trial
     drop_duplicates(ctx, state.generation, by_slot)
+    if not by_slot:
+        return []
     proposals = sampler.proposals(ctx.study, state.generation)
     groups = sorted({slot // k for slot in by_slot})
     jobs = []
@@ -234,11 +240,11 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     pool = make_pool(config.workers, model, needles, ctx.target)
     started, evaluated = time.time(), 0
     budget = total_budget(ctx)
+    progress = tqdm(total=budget, initial=completed(ctx), desc="search", unit="eval", disable=quiet,
+                    dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     try:
         score_baselines(ctx, pool)
         loop_started = time.time()
-        progress = tqdm(total=budget, initial=completed(ctx), desc="search", unit="eval", disable=quiet,
-                        dynamic_ncols=True, mininterval=1.0)  # fmt: skip
         while True:
             done = completed(ctx)
             if budget is not None and done >= budget:
@@ -267,8 +273,8 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                 best = ctx.study.best_value if completed(ctx) else float("nan")
                 progress.set_postfix(best=f"{best:.4g}", eval_s=f"{evaluated / (time.time() - loop_started):.2f}")
             write_best(ctx)
-        progress.close()
     finally:
+        progress.close()  # ends the bar's line: a failure message then stands on a line of its own
         pool.close()
     ended = time.time()
     return {"evaluated": evaluated, "seconds": ended - started, "loop_seconds": ended - loop_started,
@@ -286,14 +292,10 @@ def write_best(ctx: SearchContext) -> RopeCandidate | None:
     return candidate
 
 
-def history(ctx: SearchContext) -> list[dict]:
+def history(study: optuna.Study) -> list[dict]:
     """The finished evaluations in (generation, slot) order: what a resumed run must reproduce."""
     rows = []
-    for trial in ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         slot = EvolutionarySampler.slot_of(trial)
         rows.append({"slot": list(slot) if slot else [trial.number], "params": trial.params, "value": trial.value})
     return sorted(rows, key=lambda row: row["slot"])
-
-
-def dump_history(ctx: SearchContext, path: Path) -> None:
-    path.write_text(json.dumps(history(ctx), indent=1))

@@ -26,6 +26,7 @@ SLOT = "ropesearch:slot"
 ERROR = "ropesearch:error"
 INTERRUPTED = "interrupted"  # a trial whose driver died: its slot is asked again, and it is no attempt
 DUPLICATE = "duplicate"  # a slot two drivers took at once: the later trial steps back, no attempt either
+NO_SLOT = -1  # asked when another driver had just taken the last open slot
 
 
 class EvolutionSettings(BaseModel):
@@ -120,16 +121,15 @@ class EvolutionarySampler(BaseSampler):
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
         state = self.state(study)
-        if not state.open_slots:
-            raise RuntimeError("the evolutionary sampler has no open slot: ask only while state().open_slots")
-        assigned = (state.generation, state.open_slots[0])
+        # another driver may have taken the last open slots since this one looked: slot -1 says "none left"
+        assigned = (state.generation, state.open_slots[0] if state.open_slots else NO_SLOT)
         study._storage.set_trial_system_attr(trial._trial_id, GENERATION, assigned[0])
         study._storage.set_trial_system_attr(trial._trial_id, SLOT, assigned[1])
         self._assigned[trial._trial_id] = assigned
 
     def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
         generation, slot = self._assigned.pop(trial._trial_id)
-        return dict(self.proposals(study, generation)[slot])
+        return {} if slot == NO_SLOT else dict(self.proposals(study, generation)[slot])
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)

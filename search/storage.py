@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from fitness.errors import RopeSearchError
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
-SQLITE_TIMEOUT_S = 60  # wait this long for another process's lock before giving up
+SQLITE_TIMEOUT_S = 60  # wait this long for another process's lock before giving up ($ROPESEARCH_SQLITE_TIMEOUT)
 
 
 def storage_url(spec: str | None, run_dir: Path) -> str:
@@ -26,8 +28,9 @@ def open_storage(spec: str | None, run_dir: Path) -> optuna.storages.BaseStorage
             raise RopeSearchError(f"storage {url!r}: give an RDB URL (sqlite:///..., postgresql://...) or a journal "
                                   f"file ending in {', '.join(JOURNAL_SUFFIXES)}")  # fmt: skip
         return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
-    kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    timeout = float(os.environ.get("ROPESEARCH_SQLITE_TIMEOUT", SQLITE_TIMEOUT_S))
+    kwargs = {"connect_args": {"timeout": timeout}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as err:  # SQLAlchemy/driver errors: the first line says what went wrong
+    except (ArgumentError, NoSuchModuleError, ImportError) as err:  # a malformed URL or a missing DB driver
         raise RopeSearchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None

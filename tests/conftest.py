@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+from fitness.factors import RopeCandidate
+from search import runs
+from tests.search_helpers import history_of, write_config
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
@@ -55,3 +59,15 @@ def tiny():
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ROPESEARCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def reference_history(tmp_path_factory):
+    """An uninterrupted run with Ray and one worker: what every other way of running must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = runs.prepare(write_config(tmp, **{"workers.backend": "ray", "workers.count": 1}))
+    run_dir = runs.create(config, tmp / "runs")
+    runs.run(run_dir, quiet=True)
+    return history_of(run_dir), RopeCandidate.load(run_dir / "best_factors.json")
+
+

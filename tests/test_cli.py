@@ -111,3 +111,109 @@ def test_argparse_errors_exit_2_without_traceback():
     result = subprocess.run([sys.executable, "-m", "search.cli", "export", "x.json", "--to", "onnx"],
                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def factor_file(tmp_path, change=None, name="f.json"):
+    from fitness.factors import baseline
+    from fitness.geometry import RopeGeometry
+
+    geometry = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
+    data = baseline("yarn", geometry, 1024).model_dump(mode="json")
+    if change:
+        change(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if isinstance(data, dict) else data)
+    return path
+
+
+def _geometry(field, value):
+    return lambda data: data["geometry"].__setitem__(field, value)
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+BAD_INPUTS = [
+    # factor files
+    ("factors: one entry short", lambda p: ["export", str(factor_file(p, lambda d: d["long_factors"].pop())), "--to",
+                                            "json", "--out", str(p / "out.json")], "long_factors has 31 entries"),
+    ("factors: NaN", lambda p: ["export", str(factor_file(p, lambda d: d["long_factors"].__setitem__(3, float("nan")))),
+                                "--to", "json", "--out", str(p / "out.json")], "long_factors[3]"),
+    ("factors: negative", lambda p: ["export", str(factor_file(p, lambda d: d["long_factors"].__setitem__(0, -1.0))),
+                                     "--to", "json", "--out", str(p / "out.json")], "long_factors[0]"),
+    ("factors: not JSON", lambda p: ["export", str(write(p, "f.json", "long_factors: [1, 2]")), "--to", "json",
+                                     "--out", str(p / "out.json")], "f.json"),
+    ("factors: unknown key", lambda p: ["export", str(factor_file(p, lambda d: d.__setitem__("colour", 1))), "--to",
+                                        "json", "--out", str(p / "out.json")], "colour"),
+    ("factors: other base", lambda p: ["export", str(factor_file(p, _geometry("base", 5e5))), "--to", "hf",
+                                       "--model", "tiny", "--out", str(p / "out")], "base"),
+    ("factors: other window", lambda p: ["export", str(factor_file(p, _geometry("original_window", 512))), "--to",
+                                         "hf", "--model", "tiny", "--out", str(p / "out")], "original_window"),
+    ("factors: odd rotary dim", lambda p: ["export", str(factor_file(p, _geometry("rotary_dim", 63))), "--to", "json",
+                                           "--out", str(p / "out.json")], "rotary_dim"),
+    ("export: no model named", lambda p: ["export", str(factor_file(p)), "--to", "hf", "--out", str(p / "out")],
+     "--model is needed"),
+    # model paths
+    ("model: folder without config", lambda p: ["export", str(factor_file(p)), "--to", "hf", "--model",
+                                                str((p / "empty").mkdir() or p / "empty"), "--out", str(p / "out")],
+     "not a model"),
+    ("model: a text file", lambda p: ["export", str(factor_file(p)), "--to", "hf", "--model",
+                                      str(write(p, "model.txt", "hello")), "--out", str(p / "out")], "not a model"),
+    ("model: no such alias", lambda p: ["export", str(factor_file(p)), "--to", "hf", "--model", "llama-9000",
+                                        "--out", str(p / "out")], "no such alias"),
+    # GGUF files
+    ("gguf: not a GGUF", lambda p: ["export", str(factor_file(p)), "--to", "gguf", "--model",
+                                    str(write(p, "fake.gguf", b"\x00" * 64)), "--out", str(p / "out.gguf")], "fake.gguf"),
+    ("gguf: truncated", lambda p: ["export", str(factor_file(p)), "--to", "gguf", "--model",
+                                   str(write(p, "cut.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 9)),
+                                   "--out", str(p / "out.gguf")], "cut.gguf"),
+    ("gguf: of an HF model", lambda p: ["export", str(factor_file(p)), "--to", "gguf", "--model", "tiny",
+                                        "--out", str(p / "out.gguf")], "copies a .gguf"),
+]
+
+
+@pytest.mark.parametrize("label, argv, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs(tmp_path, capsys, label, argv, message):
+    code = main(argv(tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not any((tmp_path / name).exists() for name in ("out", "out.json", "out.gguf"))
+
+
+BAD_HAYSTACKS = [
+    ("haystack: empty file", lambda p: write(p, "empty.txt", "  \n"), "empty"),
+    ("haystack: not UTF-8", lambda p: write(p, "latin.txt", "caf\xe9 au lait".encode("latin-1")), "not UTF-8"),
+    ("haystack: jsonl without text", lambda p: write(p, "bad.jsonl", '{"body": 1}\n'), "'text' field"),
+    ("haystack: empty folder", lambda p: (p / "none").mkdir() or p / "none", "no .txt, .md or .jsonl"),
+]
+
+
+@pytest.mark.parametrize("label, make, message", BAD_HAYSTACKS, ids=[b[0] for b in BAD_HAYSTACKS])
+def test_bad_haystacks(tmp_path, capsys, label, make, message):
+    path = config_with(tmp_path, _set("holdout.haystack", [str(make(tmp_path))]))
+    assert main(["search", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_train_and_eval_configs(tmp_path, capsys):
+    train = yaml.safe_load((REPO / "configs" / "train-tiny.yaml").read_text())
+    cases = [
+        ("train", dict(train, factors=str(tmp_path / "missing.json")), "no such factor file"),
+        ("train", dict(train, optimizer="sgd"), "optimizer: unknown key"),
+        ("train", dict(train, train=dict(train["train"], lr=-1)), "train.lr"),
+        ("eval", {"methods": ["yarn", "magic"]}, "magic"),
+        ("eval", {"factors": {"x": str(factor_file(tmp_path, _geometry("base", 5e5), "other.json"))}}, "base"),
+        ("pretrain", {"train": {"steps": 0}}, "train.steps"),
+    ]
+    for command, data, message in cases:
+        path = tmp_path / f"{command}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert main([command, str(path), "--out" if command != "pretrain" else "--work-dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (command, err)
+        assert not (tmp_path / "o").exists()

@@ -3,48 +3,14 @@
 import json
 import os
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fitness.factors import RopeCandidate
-from search import driver, runs
-
-SMALL = {
-    "name": "small",
-    "model": {"name": "tiny", "device": "cpu", "threads": 1},
-    "scale": 4,
-    "needles": {"documents": 4, "seed": 3},
-    "holdout": {"documents": 4, "seed": 99, "haystack": ["docstrings"]},
-    "sampler": {"seed": 5, "evolution": {"population": 8, "parents": 4, "mutations": 2, "crossovers": 2,
-                                        "generations": 4}},  # fmt: skip
-    "workers": {"backend": "local", "count": 1, "candidates_per_forward": 2, "documents_per_forward": 2},
-    "baselines": ["none", "yarn", "critical_ntk"],
-}
-
-
-def write_config(tmp_path, **changes):
-    config = json.loads(json.dumps(SMALL))
-    for dotted, value in changes.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def history_of(run_dir):
-    config = runs.load(run_dir)
-    ctx = driver.open_context(Path(run_dir), config)
-    return driver.history(ctx)
+from search import runs
+from tests.search_helpers import completed_in, history_of, launch, write_config
 
 
 def test_local_search_writes_a_complete_run_folder(tmp_path):
@@ -63,16 +29,6 @@ def test_local_search_writes_a_complete_run_folder(tmp_path):
     assert "critical_dim" in best.params and list(best.long_factors) == sorted(best.long_factors)
 
 
-@pytest.fixture(scope="module")
-def reference_history(tmp_path_factory):
-    """An uninterrupted run with Ray and one worker: what every other way of running must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    config = runs.prepare(write_config(tmp, **{"workers.backend": "ray", "workers.count": 1}))
-    run_dir = runs.create(config, tmp / "runs")
-    runs.run(run_dir, quiet=True)
-    return history_of(run_dir), RopeCandidate.load(run_dir / "best_factors.json")
-
-
 @pytest.mark.slow
 def test_two_ray_workers_give_the_same_history(tmp_path, reference_history):
     config = runs.prepare(write_config(tmp_path, **{"workers.backend": "ray", "workers.count": 2}))
@@ -81,20 +37,6 @@ def test_two_ray_workers_give_the_same_history(tmp_path, reference_history):
     history, best = reference_history
     assert history_of(run_dir) == history
     assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
-
-
-def completed_in(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=5) as connection:
-            return connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def launch(args, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -1,0 +1,164 @@
+"""Faults: what breaks must not cost the run. Real Ray, real storage, the bundled model.
+
+Each fault shows: no finished evaluation lost or duplicated (one COMPLETE trial per slot, the same
+history as an uninterrupted run), a one-line message naming the cause, and `resume` finishing.
+"""
+
+import os
+import resource
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import driver, runs
+from search.evolution import EvolutionarySampler
+from search.storage import open_storage
+from tests.search_helpers import completed_in, history_of, launch, write_config
+
+TOTAL = 8 + 3 * 4  # the small config's evaluations
+
+
+def one_complete_per_slot(study: optuna.Study) -> None:
+    slots = [EvolutionarySampler.slot_of(t) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(slots) == len(set(slots)) == TOTAL
+
+
+def study_of(run_dir: Path) -> optuna.Study:
+    return driver.open_context(run_dir, runs.load(run_dir)).study
+
+
+def new_run(tmp_path, **changes) -> Path:
+    return runs.create(runs.prepare(write_config(tmp_path, **changes)), tmp_path / "runs")
+
+
+def finish(run_dir: Path, env=None) -> None:
+    process = launch(["resume", str(run_dir)], env=env)
+    assert process.wait(timeout=600) == 0, process.stderr.read().decode()[-2000:]
+
+
+def worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ScoringWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_evaluation_is_replaced(tmp_path, reference_history, caplog):
+    run_dir = new_run(tmp_path, **{"workers.backend": "ray", "workers.count": 1})
+    killed = []
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if completed_in(run_dir / "study.db") >= 6 and (pids := worker_pids()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=kill_a_worker, daemon=True)
+    thread.start()
+    with caplog.at_level("WARNING", logger="ropesearch"):
+        runs.run(run_dir, quiet=True)
+    thread.join()
+    assert killed, "no worker was killed"
+    assert any("died" in r.getMessage() and "restarted" in r.getMessage() for r in caplog.records)
+    one_complete_per_slot(study_of(run_dir))
+    assert history_of(run_dir) == reference_history[0]
+
+
+CRASH_POINTS = [
+    # (where, the function to die in, at which call): a driver SIGKILLed there, then resumed
+    ("during a proposal", "search.evolution:EvolutionarySampler._children", 2),
+    ("during an evaluation", "fitness.scoring:answer_nll", 15),
+    ("during a storage write", "sqlalchemy.orm.session:Session.commit", 60),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, target, call", CRASH_POINTS, ids=[c[0] for c in CRASH_POINTS])
+def test_driver_killed_then_resumed(tmp_path, reference_history, where, target, call):
+    run_dir = new_run(tmp_path)
+    crashed = launch([target, str(call), "--", "resume", str(run_dir)], module="tests.die_at")
+    assert crashed.wait(timeout=600) == -signal.SIGKILL, crashed.stderr.read().decode()[-2000:]
+    assert completed_in(run_dir / "study.db") < TOTAL
+    finish(run_dir)
+    one_complete_per_slot(study_of(run_dir))
+    assert history_of(run_dir) == reference_history[0]
+
+
+@pytest.mark.slow
+def test_a_locked_study_database(tmp_path, reference_history):
+    run_dir = new_run(tmp_path)
+    holder = sqlite3.connect(run_dir / "study.db", timeout=1, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the database
+    try:
+        blocked = launch(["resume", str(run_dir)], env={"ROPESEARCH_SQLITE_TIMEOUT": "1"})
+        assert blocked.wait(timeout=300) == 1
+        err = blocked.stderr.read().decode()
+        assert err.count("\n") == 1 and "locked by another process" in err and "Traceback" not in err, err
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    finish(run_dir)
+    one_complete_per_slot(study_of(run_dir))
+    assert history_of(run_dir) == reference_history[0]
+
+
+def _cap_file_size(limit: int):
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return cap
+
+
+@pytest.mark.slow
+def test_a_full_disk(tmp_path, reference_history):
+    run_dir = new_run(tmp_path)
+    crashed = launch(["fitness.scoring:answer_nll", "12", "--", "resume", str(run_dir)], module="tests.die_at")
+    assert crashed.wait(timeout=600) == -signal.SIGKILL
+    before = completed_in(run_dir / "study.db")
+    assert before < TOTAL
+    size = (run_dir / "study.db").stat().st_size
+    full = launch(["resume", str(run_dir)], preexec_fn=_cap_file_size(size))  # the study cannot grow
+    assert full.wait(timeout=600) == 1
+    err = full.stderr.read().decode()
+    failures = [line for line in err.splitlines() if line.startswith("ropesearch: failed:")]
+    assert len(failures) == 1 and "disk of the run folder is full" in failures[0] and "Traceback" not in err, err
+    assert completed_in(run_dir / "study.db") >= before  # nothing finished was lost
+    finish(run_dir)
+    one_complete_per_slot(study_of(run_dir))
+    assert history_of(run_dir) == reference_history[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_two_drivers_share_one_study(tmp_path, reference_history, backend):
+    if backend == "postgresql":
+        url = os.environ.get("ROPESEARCH_TEST_POSTGRES")
+        if not url:
+            pytest.skip("set ROPESEARCH_TEST_POSTGRES to a database URL (.ci/run starts a PostgreSQL server)")
+        name = f"shared{os.getpid()}{int(time.time())}"
+    else:
+        url, name = str(tmp_path / "shared.journal.log"), "shared"
+    config = write_config(tmp_path, name=name, storage=url)
+    drivers = [launch(["search", str(config), "--runs-dir", str(tmp_path / f"runs{i}")]) for i in range(2)]
+    for process in drivers:
+        assert process.wait(timeout=600) == 0, process.stderr.read().decode()[-2000:]
+    study = optuna.load_study(study_name=name, storage=open_storage(url, tmp_path))
+    one_complete_per_slot(study)
+    assert driver.history(study) == reference_history[0]
+    drivers_seen = {t.system_attrs.get(driver.DRIVER) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(drivers_seen) == 2  # both drivers really evaluated
