@@ -53,13 +53,15 @@ class PretrainData(BaseModel):
 
 
 class PretrainStop(BaseModel):
-    """Stop once in-window retrieval on a validation needle set reaches `retrieval` (after `min_step`)."""
+    """Stop once in-window retrieval on a validation needle set stays at `retrieval` or above for
+    `patience` evaluations in a row (after `min_step`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     retrieval: float = Field(default=0.98, gt=0, le=1)
     min_step: int = Field(default=1000, ge=0)
     documents: int = Field(default=100, gt=0)
+    patience: int = Field(default=2, gt=0)  # consecutive evaluations that must pass
 
 
 class PretrainConfig(BaseModel):
@@ -191,13 +193,16 @@ def pretrain(config: PretrainConfig, work_dir: Path, stop_after: int | None = No
     model = build_model(config, len(tokenizer))
     batches = PretrainBatches(config, tokenizer)
 
-    def validation(step: int) -> dict:
+    def validation(step: int, previous: dict) -> dict:
         scores = evaluate_model(model, tokenizer, config.window, config.stop.documents, 10_000 + config.train.seed,
                                 config.data.haystack)  # fmt: skip
-        return {"retrieval": scores["none@1x"]["retrieval"], "needle_ppl": scores["none@1x"]["needle_ppl"]}
+        retrieval = scores["none@1x"]["retrieval"]
+        passing = step >= config.stop.min_step and retrieval >= config.stop.retrieval
+        streak = previous.get("streak", 0) + 1 if passing else 0
+        return {"retrieval": retrieval, "needle_ppl": scores["none@1x"]["needle_ppl"], "streak": streak}
 
-    def converged(metrics: dict) -> bool:
-        return metrics["step"] >= config.stop.min_step and metrics["retrieval"] >= config.stop.retrieval
+    def converged(metrics: dict) -> bool:  # retrieval emerges abruptly and wobbles: it must hold, not just appear
+        return metrics["streak"] >= config.stop.patience
 
     started = time.time()
     result = train(model, batches, config.train, work_dir, evaluate=validation, done=converged, stop_after=stop_after)

@@ -132,13 +132,14 @@ def train(
     batch_for: Callable[[int, int], Batch],
     settings: TrainSettings,
     out_dir: Path,
-    evaluate: Callable[[int], dict] | None = None,
+    evaluate: Callable[[int, dict], dict] | None = None,
     done: Callable[[dict], bool] | None = None,
     set_rotary_rows: Callable[[list[int] | None], None] | None = None,
     stop_after: int | None = None,
 ) -> dict:
     """Train until `settings.steps` (or until `done(metrics)` after an evaluation); resume from the
-    newest checkpoint in `out_dir/checkpoints`. `stop_after` ends early at that step, as a crash would."""
+    newest checkpoint in `out_dir/checkpoints`. `evaluate(step, previous_metrics)` sees the last
+    evaluation's metrics (restored on resume). `stop_after` ends early at that step, as a crash would."""
     out_dir = Path(out_dir)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -216,7 +217,7 @@ def train(
         last_step = step + 1 == settings.steps
         if evaluate and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last_step):
             model.eval()
-            last_metrics = {"step": step + 1, **evaluate(step + 1)}
+            last_metrics = {"step": step + 1, **evaluate(step + 1, last_metrics)}
             model.train()
             progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_metrics.items()))
             if writer:

@@ -107,9 +107,9 @@ class RayPool:
             kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if address:
                 ray.init(address=address, **kwargs)
-            else:
+            else:  # "local": a new cluster of our own, never whatever `ray start` left running here
                 cpus = max(os.cpu_count() or 1, int(settings.count * settings.cpus_per_worker + 0.999))
-                ray.init(num_cpus=cpus, **kwargs)
+                ray.init(address="local", num_cpus=cpus, **kwargs)
         self.actor_class = ray.remote(ScoringWorker).options(
             num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker, max_restarts=0
         )

@@ -54,7 +54,7 @@ def completed_in(db: Path) -> int:
 
 
 def launch(args, cwd=REPO, env=None, module="search.cli", **kwargs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, **kwargs)  # fmt: skip
 
