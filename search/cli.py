@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from fitness.errors import RopeSearchError
@@ -89,8 +90,6 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
-    import warnings
-
     from search.export import EXPORTERS, read_source
 
     candidate = read_source(Path(args.source))
@@ -100,11 +99,7 @@ def _export(args) -> int:
     default_out = {"hf": "exported-hf", "gguf": "exported.gguf", "json": "factors.json", "yaml": "factors.yaml"}
     out = Path(args.out or default_out[args.to])
     kwargs = {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        written = EXPORTERS[args.to](candidate, model, out, **kwargs)
-    for warning in caught:
-        print(f"ropesearch: warning: {warning.message}", file=sys.stderr)
+    written = EXPORTERS[args.to](candidate, model, out, **kwargs)
     print(f"written: {written}")
     return 0
 
@@ -218,8 +213,13 @@ def fault_message(err: BaseException) -> str | None:
     return None
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"ropesearch: warning: {message}", file=sys.stderr)
+
+
 def _one_line_log() -> None:
-    """Events worth a line (a worker restarted, drivers marked interrupted) go to stderr as `ropesearch: ...`."""
+    """Events worth a line (a worker restarted, an engine that ignores a key) go to stderr as `ropesearch: ...`."""
+    warnings.showwarning = _one_line_warning
     logger = logging.getLogger("ropesearch")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -34,18 +34,6 @@ class BudgetSettings(BaseModel):
     minutes: float | None = Field(default=None, gt=0)
 
 
-class PruningSettings(BaseModel):
-    """Multi-fidelity: score on `documents` first; prune when that partial fitness is worse than the
-    `percentile` of earlier generations' partial fitness."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    documents: int = Field(default=4, gt=0)
-    percentile: float = Field(default=50.0, gt=0, lt=100)
-    min_trials: int = Field(default=16, gt=0)
-
-
 def _holdout_default() -> NeedleSettings:
     return NeedleSettings(haystack=["docstrings"], seed=1000, documents=32, depths=[0.05 + 0.1 * i for i in range(10)])
 
@@ -63,7 +51,6 @@ class SearchConfig(BaseModel):
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
-    pruning: PruningSettings = Field(default_factory=PruningSettings)
     storage: str | None = None  # an Optuna RDB URL or a journal file; None: SQLite in the run folder
     baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
 
@@ -71,8 +58,6 @@ class SearchConfig(BaseModel):
     def _one_target(self) -> "SearchConfig":
         if (self.scale is None) == (self.target_window is None):
             raise ValueError("give exactly one of scale and target_window")
-        if self.pruning.enabled and self.pruning.documents >= self.needles.documents:
-            raise ValueError("pruning.documents must be fewer than needles.documents")
         unknown = [name for name in self.baselines if name not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINES)}")

@@ -42,6 +42,7 @@ class SearchContext:
     sampler: optuna.samplers.BaseSampler
     study: optuna.Study
     driver_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
+    last_heartbeat: float = 0.0
 
     @property
     def evolutionary(self) -> bool:
@@ -89,8 +90,12 @@ def _alive(driver: str, heartbeats: dict) -> bool:
     return time.time() - heartbeats.get(driver, 0.0) < HEARTBEAT_GRACE_S
 
 
-def heartbeat(ctx: SearchContext) -> None:
-    ctx.study._storage.set_study_system_attr(ctx.study._study_id, f"ropesearch:heartbeat:{ctx.driver_id}", time.time())
+def heartbeat(ctx: SearchContext, every_s: float = 10.0) -> None:
+    """Tell other drivers this one is alive (a storage write, so at most every `every_s` seconds)."""
+    now = time.time()
+    if now - ctx.last_heartbeat >= every_s:
+        ctx.study._storage.set_study_system_attr(ctx.study._study_id, f"ropesearch:heartbeat:{ctx.driver_id}", now)
+        ctx.last_heartbeat = now
 
 
 def fail_interrupted(ctx: SearchContext) -> int:

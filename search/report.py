@@ -69,10 +69,12 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
         + f", {count[TrialState.RUNNING]} running, {count[TrialState.FAIL]} failed, {count[TrialState.PRUNED]} pruned"
     ]
     if sampler_state is not None:
-        lines.append(f"generation {sampler_state.generation}: {len(sampler_state.open_slots)} slots open")
+        lines.append("all generations done" if sampler_state.finished else
+                     f"generation {sampler_state.generation}: {len(sampler_state.open_slots)} slots open, "
+                     f"{sampler_state.running} running")  # fmt: skip
     if count[TrialState.COMPLETE]:
         best = study.best_trial
-        lines.append(f"best so far: needle PPL {best.value:.4g} (trial {best.number}, "
+        lines.append(f"best so far on the search documents: needle PPL {best.value:.4g} (trial {best.number}, "
                      f"retrieval {best.user_attrs.get('retrieval', float('nan')):.0%})")  # fmt: skip
         for name, row in sorted(baselines.items(), key=lambda item: item[1]["fitness"]):
             lines.append(f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)")

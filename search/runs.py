@@ -25,7 +25,7 @@ from fitness.config_io import load_yaml, validate
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.geometry import geometry_from_config
-from fitness.models import load_config, load_model
+from fitness.models import load_config, load_model, machine_name
 from fitness.needles import haystack_texts
 from search import driver, report
 from search.config import SearchConfig
@@ -92,6 +92,7 @@ def holdout_report(ctx: driver.SearchContext, candidate) -> dict:
         {"none": baseline_method("none", ctx.geometry)}, dpf, k, show_progress=False,
     )  # fmt: skip
     return {
+        "machine": machine_name(next(model.parameters()).device),
         "length": ctx.target,
         "original_window": ctx.geometry.original_window,
         "documents": config.holdout.documents,

@@ -102,6 +102,7 @@ def test_kill_and_resume_gives_the_identical_loss_curve(tmp_path):
     assert (crashed / "model" / "config.json").exists() and (crashed / "evaluation.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore:vLLM ignore")  # the committed factors carry a searched attention factor
 def test_trained_model_loads_in_plain_transformers_with_both_factor_sets(tmp_path):
     import json
 
