@@ -81,6 +81,7 @@ def run_mode(args, mode: str, length: int) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     with torch.no_grad(), apply_candidates(model, yarn):
+
         def bare():
             for j in range(args.docs):
                 model.model(input_ids=ids[j : j + 1].to(device), use_cache=False)
@@ -107,7 +108,10 @@ def run_mode(args, mode: str, length: int) -> dict:
         seconds = timed(lambda: score_candidates(model, subset, candidates), device, args.repeats)
     else:
         seconds = timed(lambda: [score_candidates(model, subset, [c]) for c in candidates], device, args.repeats)
-    return {"seconds_per_candidate": seconds / len(candidates), "candidate_docs_per_s": len(candidates) * args.docs / seconds}
+    return {
+        "seconds_per_candidate": seconds / len(candidates),
+        "candidate_docs_per_s": len(candidates) * args.docs / seconds,
+    }
 
 
 def main():

@@ -30,8 +30,7 @@ CONFIG = {
     "scale": 4,
     "needles": {"documents": 4},
     "holdout": {"documents": 4, "haystack": ["docstrings"]},
-    "sampler": {"evolution": {"population": 64, "parents": 32, "mutations": 16, "crossovers": 16,
-                              "generations": 62}},  # fmt: skip
+    "sampler": {"evolution": {"population": 64, "parents": 32, "mutations": 16, "crossovers": 16, "generations": 62}},
     "workers": {"backend": "ray", "count": 2, "candidates_per_forward": 4, "documents_per_forward": 4},
     "baselines": ["yarn"],
 }

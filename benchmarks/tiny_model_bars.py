@@ -42,7 +42,8 @@ def bars(model_dir: str) -> dict:
         "bars": {
             "retrieval_at_L >= 0.95": at("none", 1)["retrieval"] >= 0.95,
             "retrieval_at_4L_none <= 0.20": at("none", 4)["retrieval"] <= 0.20,
-            "in-window < yarn@4L < none@4L": at("none", 1)["needle_ppl"] < at("yarn", 4)["needle_ppl"]
+            "in-window < yarn@4L < none@4L": at("none", 1)["needle_ppl"]
+            < at("yarn", 4)["needle_ppl"]
             < at("none", 4)["needle_ppl"],
         },
     }

@@ -307,17 +307,6 @@ def critical_ntk(
     )
 
 
-def candidate_from_file_or_method(spec: str, geometry: RopeGeometry, target_window: int) -> RopeCandidate:
-    """`yarn`, `pi`... by name, or a factor JSON file, checked against the geometry."""
-    if spec in BASELINES:
-        return baseline(spec, geometry, target_window)
-    if not Path(spec).exists():
-        raise RopeSearchError(f"{spec!r} is neither a RoPE method ({', '.join(BASELINES)}) nor a factor file")
-    candidate = RopeCandidate.load(spec)
-    check_geometry(candidate, geometry, source=spec)
-    return candidate
-
-
 def check_geometry(candidate: RopeCandidate, geometry: RopeGeometry, source: str = "factors") -> None:
     """A factor vector only means something for the geometry it was made for."""
     mine = candidate.geometry

@@ -95,8 +95,10 @@ def load_config(name: str):
 
     directory, gguf_file = resolve(name)
     with _loading(name, "config"):
-        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else (
-            AutoConfig.from_pretrained(directory)
+        return (
+            AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+            if gguf_file
+            else AutoConfig.from_pretrained(directory)
         )
 
 
@@ -105,8 +107,10 @@ def load_tokenizer(name: str):
 
     directory, gguf_file = resolve(name)
     with _loading(name, "tokenizer"):
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file) if gguf_file else (
-            AutoTokenizer.from_pretrained(directory)
+        return (
+            AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+            if gguf_file
+            else AutoTokenizer.from_pretrained(directory)
         )
 
 

@@ -161,7 +161,9 @@ def haystack_texts(sources: list[str]) -> list[str]:
         elif Path(source).expanduser().exists():
             texts += _file_texts(Path(source).expanduser())
         else:
-            raise RopeSearchError(f"haystack {source!r}: no such file or folder (built in: {', '.join(BUILTIN_HAYSTACKS)})")
+            raise RopeSearchError(
+                f"haystack {source!r}: no such file or folder (built in: {', '.join(BUILTIN_HAYSTACKS)})"
+            )
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise RopeSearchError(f"haystack {sources} is empty")
@@ -229,7 +231,9 @@ class Haystack:
         return taken
 
 
-def build_document(tokenizer, haystack: Haystack, settings: NeedleSettings, length: int, rng: random.Random, depth: float):
+def build_document(
+    tokenizer, haystack: Haystack, settings: NeedleSettings, length: int, rng: random.Random, depth: float
+):
     keys = []
     while len(keys) < settings.needles_per_document:
         key = f"{rng.choice(haystack.words)}-{rng.choice(haystack.words)}"

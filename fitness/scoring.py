@@ -26,6 +26,7 @@ class Score:
     fitness: float  # exp(mean over documents of the mean answer-token NLL); lower is better
     retrieval: float  # fraction of documents whose every answer token is the argmax (teacher-forced)
     document_nll: list[float]
+    document_exact: list[bool]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +80,7 @@ def fitness_of(document_nll: Sequence[float], exact: Sequence[bool]) -> Score:
         fitness=math.exp(mean) if mean < 700 else math.inf,
         retrieval=sum(map(bool, exact)) / len(exact),
         document_nll=nll,
+        document_exact=list(map(bool, exact)),
     )
 
 

@@ -48,7 +48,9 @@ class MixedBatches:
     def long_row(self, rng: random.Random) -> tuple[list[int], torch.Tensor]:
         weight = torch.ones(self.target)
         if rng.random() < self.settings.long_needle_fraction:
-            ids, answer, _ = build_document(self.tokenizer, self.haystack, self.needle_settings, self.target, rng, rng.random())
+            ids, answer, _ = build_document(
+                self.tokenizer, self.haystack, self.needle_settings, self.target, rng, rng.random()
+            )
             weight[answer] = self.settings.answer_weight
             return ids, weight
         return self._text(rng, self.target), weight

@@ -53,7 +53,9 @@ def compare(base, trained, tokenizer, candidate: RopeCandidate, needles: NeedleS
 
 
 def format_comparison(result: dict, target: int, window: int) -> str:
-    lines = [f"{'':<26}{'needle PPL @' + str(target):>18}{'retrieval':>11}{'short PPL @' + str(window):>16}{'retention':>11}"]
+    lines = [
+        f"{'':<26}{'needle PPL @' + str(target):>18}{'retrieval':>11}{'short PPL @' + str(window):>16}{'retention':>11}"
+    ]
     for name, row in result.items():
         lines.append(f"{name:<26}{row['needle_ppl']:>18.4g}{row['retrieval']:>10.0%}{row['short_ppl']:>16.4f}"
                      f"{row['short_retention']:>10.1%}")  # fmt: skip

@@ -24,7 +24,10 @@ from mixed_window_train.trainer import Batch, TrainSettings, train
 
 TEMPLATES = [  # (needle, question); the first is the fitness default
     (NeedleSettings().needle_template, NeedleSettings().question_template),
-    ("The secret code for {key} is {value}.", "What is the secret code for {key}? The secret code for {key} is {value}"),
+    (
+        "The secret code for {key} is {value}.",
+        "What is the secret code for {key}? The secret code for {key} is {value}",
+    ),
     ("Remember that the value of {key} is {value}.", "Recall the value of {key}. The value of {key} is {value}"),
     ("Note: {key} has the number {value}.", "Which number does {key} have? {key} has the number {value}"),
 ]
@@ -154,7 +157,9 @@ class PretrainBatches:
                 ids, answer, _ = build_document(self.tokenizer, self.haystack, settings, length, rng, rng.random())
                 weight[answer] = self.config.data.answer_weight
             else:
-                ids = [t for piece in self.haystack.take(rng.randrange(len(self.haystack.pieces)), length) for t in piece]
+                ids = [
+                    t for piece in self.haystack.take(rng.randrange(len(self.haystack.pieces)), length) for t in piece
+                ]
             rows.append(ids)
             weights.append(weight)
         return Batch(input_ids=torch.tensor(rows), loss_weight=torch.stack(weights))

@@ -91,7 +91,12 @@ def chunked_lm_loss(model, batch: Batch, position_ids, chunk: int) -> torch.Tens
     for start in range(0, targets.shape[1], chunk):
         end = min(start + chunk, targets.shape[1])
         total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss_sum, head, hidden[:, start:end], targets[:, start:end], weights[:, start:end], use_reentrant=False
+            _chunk_loss_sum,
+            head,
+            hidden[:, start:end],
+            targets[:, start:end],
+            weights[:, start:end],
+            use_reentrant=False,
         )
     return total / weights.sum().clamp_min(1e-9)
 
@@ -219,7 +224,9 @@ def train(
             model.eval()
             last_metrics = {"step": step + 1, **evaluate(step + 1, last_metrics)}
             model.train()
-            progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_metrics.items()))
+            progress.write(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_metrics.items())
+            )
             if writer:
                 for key, value in last_metrics.items():
                     if isinstance(value, (int, float)):

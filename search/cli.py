@@ -43,7 +43,11 @@ def _run(run_dir: Path, stop_after: int | None) -> int:
     from search import report, runs
 
     summary = runs.run(run_dir, stop_after=stop_after)
-    print(f"{summary['evaluated']} evaluations in {summary['seconds']:.0f} s; best factors: {run_dir / 'best_factors.json'}")
+    print(
+        f"{summary['evaluated']} evaluations in {summary['seconds']:.0f} s; best factors: {run_dir / 'best_factors.json'}"
+    )
+    if summary.get("pruning"):
+        print(report.format_pruning(summary["pruning"]))
     if summary.get("report"):
         print(report.format_report(summary["report"]))
     return 0
@@ -98,7 +102,9 @@ def _export(args) -> int:
         raise RopeSearchError("--model is needed: the factors do not name the model they were searched on")
     default_out = {"hf": "exported-hf", "gguf": "exported.gguf", "json": "factors.json", "yaml": "factors.yaml"}
     out = Path(args.out or default_out[args.to])
-    kwargs = {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
+    kwargs = (
+        {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
+    )
     written = EXPORTERS[args.to](candidate, model, out, **kwargs)
     print(f"written: {written}")
     return 0

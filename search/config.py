@@ -10,6 +10,7 @@ from fitness.factors import BASELINES
 from fitness.models import ModelSettings
 from fitness.needles import NeedleSettings
 from search.evolution import EvolutionSettings
+from search.pruning import PruningSettings
 from search.space import SpaceSettings
 from search.workers import WorkerSettings
 
@@ -19,9 +20,8 @@ DEFAULT_BASELINES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"]
 class SamplerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["evolution", "tpe", "cmaes", "random"] = "evolution"
+    name: Literal["evolution", "tpe", "cmaes", "random"] = "evolution"  # Optuna's are asked a batch at a time
     seed: int = 0
-    batch: int = Field(default=16, gt=0)  # trials asked at once by Optuna's own samplers
     evolution: EvolutionSettings = Field(default_factory=EvolutionSettings)
 
 
@@ -49,6 +49,7 @@ class SearchConfig(BaseModel):
     holdout: NeedleSettings = Field(default_factory=_holdout_default)
     space: SpaceSettings = Field(default_factory=SpaceSettings)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    pruning: PruningSettings = Field(default_factory=PruningSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     storage: str | None = None  # an Optuna RDB URL or a journal file; None: SQLite in the run folder
@@ -61,6 +62,9 @@ class SearchConfig(BaseModel):
         unknown = [name for name in self.baselines if name not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINES)}")
+        if self.pruning.name != "none" and self.pruning.documents >= self.needles.documents:
+            raise ValueError(f"pruning.documents ({self.pruning.documents}) must be fewer than needles.documents "
+                             f"({self.needles.documents}): they are the first stage of those")  # fmt: skip
         return self
 
     def target(self, original_window: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from tqdm.auto import tqdm
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.models import load_config
+from fitness.scoring import fitness_of
 from search.config import SearchConfig
 from search.evolution import DUPLICATE, ERROR, INTERRUPTED, NO_SLOT, SLOT, EvolutionarySampler
+from search.pruning import make_pruner
 from search.space import RopeSpace
 from search.storage import open_storage
 from search.workers import Job, make_pool
@@ -71,7 +74,12 @@ def open_context(run_dir: Path, config: SearchConfig) -> SearchContext:
     storage = open_storage(config.storage, run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=storage, study_name=config.name, direction="minimize", sampler=sampler, load_if_exists=True
+        storage=storage,
+        study_name=config.name,
+        direction="minimize",
+        sampler=sampler,
+        pruner=make_pruner(config.pruning),
+        load_if_exists=True,
     )
     return SearchContext(run_dir, config, geometry, target, space, sampler, study)
 
@@ -112,11 +120,13 @@ def fail_interrupted(ctx: SearchContext) -> int:
     return count
 
 
-# ---------------------------------------------------------------- one round of asks
+# ---------------------------------------------------------------- asking
 @dataclass
 class Asked:
-    trial: optuna.Trial | None  # None: a slot already finished, scored again only to keep the batch identical
+    trial: optuna.Trial | None  # None: a slot already settled, scored again only to keep the batch identical
     candidate: RopeCandidate
+    goes_on: bool = True  # under pruning: this row is also in the group's second stage
+    first_stage: dict | None = None  # under pruning: its score on the first-stage documents
 
 
 def _ask(ctx: SearchContext) -> optuna.Trial:
@@ -125,26 +135,31 @@ def _ask(ctx: SearchContext) -> optuna.Trial:
     return trial
 
 
-def next_jobs(ctx: SearchContext, limit: int | None) -> list[Job] | None:
-    """Ask the next round of trials and group them into jobs of `candidates_per_forward`.
+def _first_stage(ctx: SearchContext) -> list[int] | None:
+    pruning = ctx.config.pruning
+    return None if pruning.name == "none" else list(range(pruning.documents))
 
-    Evolution: the open slots of the current generation, in fixed groups of slots (a group is always
-    scored together, so its numbers never depend on which slots a crash left open). None: nothing can
-    be asked now (the search is finished, or another driver is finishing the generation)."""
+
+def next_jobs(ctx: SearchContext, limit: int) -> list[Job] | None:
+    """Ask up to `limit` trials and group them into jobs of `candidates_per_forward`.
+
+    Evolution: open slots of the current generation, a whole group of slots at a time (a group is always
+    scored together, so its numbers never depend on which slots a crash left open, or on which driver
+    took them). None: nothing can be asked now (the search is finished, or its generation is being
+    finished here or by another driver)."""
     k = ctx.config.workers.candidates_per_forward
     if not ctx.evolutionary:
-        count = min(ctx.config.sampler.batch, limit) if limit is not None else ctx.config.sampler.batch
-        asked = [Asked(t, ctx.candidate(t.params)) for t in (_ask(ctx) for _ in range(count))]
-        return [Job(asked[i : i + k], [a.candidate for a in asked[i : i + k]]) for i in range(0, len(asked), k)]
+        # Optuna's own samplers: `limit` (at most one job's worth) trials, so each ask sees the latest tells
+        asked = [Asked(t, ctx.candidate(t.params)) for t in (_ask(ctx) for _ in range(limit))]
+        return [Job(asked, [a.candidate for a in asked], _first_stage(ctx))]
     sampler: EvolutionarySampler = ctx.sampler
     state = sampler.state(ctx.study)
     if not state.open_slots:
         return None
-    open_slots = state.open_slots if limit is None else state.open_slots[:limit]
     by_slot = {}
-    for _ in open_slots:
+    for _ in _whole_groups(state.open_slots, k, limit):
         trial = _ask(ctx)
-        slot = ctx.study._storage.get_trial_system_attrs(trial._trial_id)[SLOT]
+        _, slot = ctx.study._storage.get_trial_system_attrs(trial._trial_id)[SLOT]
         if slot == NO_SLOT:
             ctx.study._storage.set_trial_system_attr(trial._trial_id, ERROR, f"{DUPLICATE}: no open slot left")
             ctx.study.tell(trial, state=TrialState.FAIL)
@@ -152,20 +167,34 @@ def next_jobs(ctx: SearchContext, limit: int | None) -> list[Job] | None:
         by_slot[slot] = trial
     drop_duplicates(ctx, state.generation, by_slot)
     if not by_slot:
-        return []
+        return None
     proposals = sampler.proposals(ctx.study, state.generation)
-    groups = sorted({slot // k for slot in by_slot})
+    pruned = sampler.pruned_slots(ctx.study, state.generation)
     jobs = []
-    for group in groups:
+    for group in sorted({slot // k for slot in by_slot}):
         slots = range(group * k, min((group + 1) * k, len(proposals)))
-        asked = [Asked(by_slot.get(s), ctx.candidate(proposals[s])) for s in slots]
-        jobs.append(Job(asked, [a.candidate for a in asked]))
+        asked = [Asked(by_slot.get(s), ctx.candidate(proposals[s]), goes_on=s not in pruned) for s in slots]
+        jobs.append(Job(asked, [a.candidate for a in asked], _first_stage(ctx)))
     return jobs
+
+
+def _whole_groups(open_slots: list[int], k: int, limit: int) -> list[int]:
+    """The open slots of the first groups of k slots, at most `limit` of them."""
+    taken, groups = [], set()
+    for slot in open_slots:
+        if len(taken) == limit:
+            break
+        if slot // k not in groups and len(taken) + 1 > limit:
+            break
+        groups.add(slot // k)
+        taken.append(slot)
+    return taken
 
 
 def drop_duplicates(ctx: SearchContext, generation: int, by_slot: dict) -> None:
     """Two drivers may take the same slot at the same moment; the lower trial number keeps it."""
-    for trial in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+    states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+    for trial in ctx.study.get_trials(deepcopy=False, states=states):
         slot = EvolutionarySampler.slot_of(trial)
         if slot and slot[0] == generation and slot[1] in by_slot and trial.number < by_slot[slot[1]].number:
             mine = by_slot.pop(slot[1])
@@ -173,27 +202,71 @@ def drop_duplicates(ctx: SearchContext, generation: int, by_slot: dict) -> None:
             ctx.study.tell(mine, state=TrialState.FAIL)
 
 
+# ---------------------------------------------------------------- telling
 def record(ctx: SearchContext, asked: Asked, score: dict | None, error: str | None) -> bool:
     """Commit one evaluation to storage. True if it counts as a completed evaluation."""
     if asked.trial is None:
         return False
     storage, trial_id = ctx.study._storage, asked.trial._trial_id
+    if error is None and asked.first_stage is not None:
+        score = _joined(asked.first_stage, score)
     if error is None and not (score["fitness"] == score["fitness"]):  # NaN fitness is a failed evaluation
         error = "fitness is NaN"
     if error is not None:
         storage.set_trial_system_attr(trial_id, ERROR, error[:500])
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
-    for key in ("retrieval", "seconds"):
-        storage.set_trial_user_attr(trial_id, key, score[key])
-    storage.set_trial_user_attr(trial_id, "document_nll", score["document_nll"])
+    _keep_scores(ctx, trial_id, score)
     ctx.study.tell(asked.trial, score["fitness"])
     return True
 
 
+def _keep_scores(ctx: SearchContext, trial_id: int, score: dict) -> None:
+    for key in ("retrieval", "seconds", "document_nll"):
+        ctx.study._storage.set_trial_user_attr(trial_id, key, score[key])
+
+
+def _joined(first: dict, second: dict) -> dict:
+    score = fitness_of(first["document_nll"] + second["document_nll"],
+                       first["document_exact"] + second["document_exact"]).to_dict()  # fmt: skip
+    return {**score, "seconds": first["seconds"] + second["seconds"]}
+
+
+def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
+    """Report each candidate's first-stage PPL and prune the clearly bad; the others go on to the rest of
+    the documents. Returns (trials pruned, the second-stage job or None)."""
+    if outcome.error is not None:
+        return sum(record(ctx, asked, None, outcome.error) for asked in outcome.job.tag), None
+    pruned = 0
+    for asked, score in zip(outcome.job.tag, outcome.scores):
+        asked.first_stage = score
+        if asked.trial is None or score["fitness"] != score["fitness"]:
+            continue
+        asked.trial.report(score["fitness"], step=len(outcome.job.documents))
+        if asked.trial.should_prune():
+            _keep_scores(ctx, asked.trial._trial_id, score)
+            ctx.study.tell(asked.trial, state=TrialState.PRUNED)
+            asked.goes_on, pruned = False, pruned + 1
+    going_on = [a for a in outcome.job.tag if a.goes_on]
+    if not any(a.trial is not None for a in going_on):
+        return pruned, None
+    rest = list(range(len(outcome.job.documents), ctx.config.needles.documents))
+    return pruned, Job(going_on, [a.candidate for a in going_on], rest)
+
+
+def settle(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
+    """Tell the study what a job's outcome means. Returns (evaluations settled, a follow-up job or None)."""
+    staged = outcome.job.tag and outcome.job.tag[0].first_stage is None and _first_stage(ctx) is not None
+    if staged:
+        return after_first_stage(ctx, outcome)
+    scores = outcome.scores or [None] * len(outcome.job.tag)
+    return sum(record(ctx, asked, score, outcome.error) for asked, score in zip(outcome.job.tag, scores)), None
+
+
 # ---------------------------------------------------------------- the whole run
 def completed(ctx: SearchContext) -> int:
-    return len(ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """Settled evaluations: complete, or pruned after their first stage."""
+    return len(ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def total_budget(ctx: SearchContext) -> int | None:
@@ -229,7 +302,7 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
         return stored
     candidates = [baseline(name, ctx.geometry, ctx.target) for name in ctx.config.baselines]
     results = {}
-    for outcome in pool.run([Job(name, [c]) for name, c in zip(ctx.config.baselines, candidates)]):
+    for outcome in pool.run(deque(Job(name, [c]) for name, c in zip(ctx.config.baselines, candidates))):
         if outcome.error is None:
             results[outcome.job.tag] = {k: outcome.scores[0][k] for k in ("fitness", "retrieval")}
     ctx.study.set_user_attr("baselines", results)
@@ -237,7 +310,11 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
 
 
 def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = False) -> dict:
-    """Run until the budget is spent. `stop_after` evaluations end it early (tests, benchmarks)."""
+    """Run until the budget is spent. `stop_after` evaluations end it early (tests, benchmarks).
+
+    Every worker is kept `in_flight` jobs deep: each job that comes back is told, and new trials are
+    asked in its place, so the workers never wait for a round to drain, and a driver holds only the
+    slots its workers can score, leaving the rest of a generation to other drivers of the same study."""
     config = ctx.config
     fail_interrupted(ctx)
     heartbeat(ctx)
@@ -245,38 +322,63 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     pool = make_pool(config.workers, model, needles, ctx.target)
     started, evaluated = time.time(), 0
     budget = total_budget(ctx)
+    k, capacity = config.workers.candidates_per_forward, config.workers.count * config.workers.in_flight
     progress = tqdm(total=budget, initial=completed(ctx), desc="search", unit="eval", disable=quiet,
                     dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    open_trials: set[int] = set()  # asked here, not settled yet
+    outstanding = 0  # jobs queued or running
+
+    def room() -> int:
+        """How many more trials may be asked now: the budgets, the clock and `stop_after` allowing."""
+        if config.budget.minutes is not None and time.time() - started > config.budget.minutes * 60:
+            return 0
+        limits = [k]
+        if budget is not None:
+            limits.append(budget - completed(ctx) - len(open_trials))
+        if stop_after is not None:
+            limits.append(stop_after - evaluated - len(open_trials))
+        return max(0, min(limits))
+
+    def ask(jobs: deque) -> None:
+        nonlocal outstanding
+        while outstanding < capacity and (limit := room()) > 0:
+            new = next_jobs(ctx, limit)
+            if new is None:
+                return
+            jobs.extend(new)
+            outstanding += len(new)
+            open_trials.update(a.trial._trial_id for job in new for a in job.tag if a.trial is not None)
+
     try:
         score_baselines(ctx, pool)
-        loop_started = time.time()
+        loop_started = last_written = time.time()
         while True:
-            done = completed(ctx)
-            if budget is not None and done >= budget:
-                break
-            if config.budget.minutes is not None and time.time() - started > config.budget.minutes * 60:
-                break
-            limit = None if budget is None else budget - done
-            if stop_after is not None:
-                if evaluated >= stop_after:
-                    break
-                limit = stop_after - evaluated if limit is None else min(limit, stop_after - evaluated)
-            jobs = next_jobs(ctx, limit)
-            if jobs is None:
-                if ctx.sampler.state(ctx.study).finished:
+            jobs: deque = deque()
+            ask(jobs)
+            if not jobs:
+                if room() == 0 or not ctx.evolutionary or ctx.sampler.state(ctx.study).finished:
                     break
                 time.sleep(1.0)  # another driver is finishing this generation
                 heartbeat(ctx)
                 continue
             for outcome in pool.run(jobs):
-                for i, asked in enumerate(outcome.job.tag):
-                    score = outcome.scores[i] if outcome.scores else None
-                    if record(ctx, asked, score, outcome.error):
-                        evaluated += 1
-                        progress.update(1)
+                outstanding -= 1
+                settled, follow_up = settle(ctx, outcome)
+                open_trials.difference_update(a.trial._trial_id for a in outcome.job.tag if a.trial is not None)
+                if follow_up is not None:
+                    jobs.appendleft(follow_up)  # first in line: its trials are the oldest open ones
+                    outstanding += 1
+                    open_trials.update(a.trial._trial_id for a in follow_up.tag if a.trial is not None)
+                evaluated += settled
+                progress.update(settled)
+                progress.set_postfix(
+                    best=f"{best_value(ctx):.4g}", eval_s=f"{evaluated / (time.time() - loop_started):.2f}"
+                )
                 heartbeat(ctx)
-                best = ctx.study.best_value if completed(ctx) else float("nan")
-                progress.set_postfix(best=f"{best:.4g}", eval_s=f"{evaluated / (time.time() - loop_started):.2f}")
+                if time.time() - last_written > 10:
+                    write_best(ctx)
+                    last_written = time.time()
+                ask(jobs)
             write_best(ctx)
     finally:
         progress.close()  # ends the bar's line: a failure message then stands on a line of its own
@@ -284,6 +386,13 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     ended = time.time()
     return {"evaluated": evaluated, "seconds": ended - started, "loop_seconds": ended - loop_started,
             "completed": completed(ctx)}  # fmt: skip
+
+
+def best_value(ctx: SearchContext) -> float:
+    try:
+        return ctx.study.best_value
+    except ValueError:  # nothing complete yet
+        return float("nan")
 
 
 def write_best(ctx: SearchContext) -> RopeCandidate | None:
@@ -298,9 +407,12 @@ def write_best(ctx: SearchContext) -> RopeCandidate | None:
 
 
 def history(study: optuna.Study) -> list[dict]:
-    """The finished evaluations in (generation, slot) order: what a resumed run must reproduce."""
+    """The settled evaluations in (generation, slot) order: what a resumed run must reproduce."""
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         slot = EvolutionarySampler.slot_of(trial)
-        rows.append({"slot": list(slot) if slot else [trial.number], "params": trial.params, "value": trial.value})
+        row = {"slot": list(slot) if slot else [trial.number], "params": trial.params, "value": trial.value}
+        if trial.state == TrialState.PRUNED:
+            row["pruned_at"] = trial.last_step
+        rows.append(row)
     return sorted(rows, key=lambda row: row["slot"])

@@ -21,8 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fitness.factors import baseline
 from search.space import RopeSpace
 
-GENERATION = "ropesearch:generation"
-SLOT = "ropesearch:slot"
+SLOT = "ropesearch:slot"  # [generation, slot], one attribute: other drivers never see half of it
 ERROR = "ropesearch:error"
 INTERRUPTED = "interrupted"  # a trial whose driver died: its slot is asked again, and it is no attempt
 DUPLICATE = "duplicate"  # a slot two drivers took at once: the later trial steps back, no attempt either
@@ -78,7 +77,7 @@ class EvolutionarySampler(BaseSampler):
     @staticmethod
     def slot_of(trial: FrozenTrial) -> tuple[int, int] | None:
         attrs = trial.system_attrs
-        return (attrs[GENERATION], attrs[SLOT]) if GENERATION in attrs else None
+        return tuple(attrs[SLOT]) if SLOT in attrs else None
 
     def _by_slot(self, trials: list[FrozenTrial]) -> dict[tuple[int, int], list[FrozenTrial]]:
         by_slot = defaultdict(list)
@@ -99,12 +98,18 @@ class EvolutionarySampler(BaseSampler):
                 if states & {TrialState.RUNNING, TrialState.WAITING}:
                     running += 1
                     continue
-                failures = [t for t in trials if not str(t.system_attrs.get(ERROR, "")).startswith((INTERRUPTED, DUPLICATE))]
+                failures = [
+                    t for t in trials if not str(t.system_attrs.get(ERROR, "")).startswith((INTERRUPTED, DUPLICATE))
+                ]
                 if len(failures) < self.settings.max_attempts:
                     open_slots.append(slot)
             if open_slots or running:
                 return SlotState(generation, open_slots, running)
         return SlotState(self.settings.generations, [], 0)
+
+    def pruned_slots(self, study, generation: int) -> set[int]:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        return {slot[1] for t in trials if (slot := self.slot_of(t)) and slot[0] == generation}
 
     def finished_history(self, study, before_generation: int) -> list[FrozenTrial]:
         """One finished trial per slot of the generations before `before_generation`, best first."""
@@ -123,8 +128,7 @@ class EvolutionarySampler(BaseSampler):
         state = self.state(study)
         # another driver may have taken the last open slots since this one looked: slot -1 says "none left"
         assigned = (state.generation, state.open_slots[0] if state.open_slots else NO_SLOT)
-        study._storage.set_trial_system_attr(trial._trial_id, GENERATION, assigned[0])
-        study._storage.set_trial_system_attr(trial._trial_id, SLOT, assigned[1])
+        study._storage.set_trial_system_attr(trial._trial_id, SLOT, list(assigned))
         self._assigned[trial._trial_id] = assigned
 
     def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
@@ -138,7 +142,7 @@ class EvolutionarySampler(BaseSampler):
     def proposals(self, study, generation: int) -> list[dict]:
         if generation not in self._proposals:
             history = self.finished_history(study, generation)
-            seen = {self.space.key(t.params) for t in history}
+            seen = {self.space.key(t.params) for t in history} | self._pruned_keys(study, generation)
             rng = random.Random(f"evolution:{self.seed}:{generation}")
             if generation == 0:
                 children = self._initial_population(rng, seen)
@@ -146,6 +150,11 @@ class EvolutionarySampler(BaseSampler):
                 children = self._children(rng, history, seen)
             self._proposals[generation] = children
         return self._proposals[generation]
+
+    def _pruned_keys(self, study, before_generation: int) -> set:
+        """Candidates pruned in earlier generations: never proposed again either."""
+        trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        return {self.space.key(t.params) for t in trials if (slot := self.slot_of(t)) and slot[0] < before_generation}
 
     def _novel(self, params: dict, seen: set) -> dict | None:
         params = self.space.repair(params)

@@ -1,10 +1,10 @@
 """Export a candidate into what inference engines load: a registry of exporters, one function each.
 
-  hf    a Hugging Face model directory whose config.json carries the longrope form that transformers
-        4.x and 5.x and vLLM all read (legacy `rope_scaling` + `rope_theta`)
-  gguf  a copy of a GGUF model with longrope factor tensors and keys, for llama.cpp
-  json  the candidate with its geometry and provenance
-  yaml  the same, as YAML
+hf    a Hugging Face model directory whose config.json carries the longrope form that transformers
+      4.x and 5.x and vLLM all read (legacy `rope_scaling` + `rope_theta`)
+gguf  a copy of a GGUF model with longrope factor tensors and keys, for llama.cpp
+json  the candidate with its geometry and provenance
+yaml  the same, as YAML
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     n_rot = reader.get_field(f"{arch}.rope.dimension_count")
     if n_rot is not None and n_rot.contents() // 2 != candidate.geometry.pairs:
-        raise RopeSearchError(f"{gguf_file}: rope.dimension_count {n_rot.contents()} needs {n_rot.contents() // 2} factors")
+        raise RopeSearchError(
+            f"{gguf_file}: rope.dimension_count {n_rot.contents()} needs {n_rot.contents() // 2} factors"
+        )
     new_keys = gguf_metadata(candidate, arch, static)
     # never rope.scaling.factor with longrope: llama.cpp would apply it on top of the factors
     dropped = {f"{arch}.rope.scaling.factor", f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.attn_factor"}
@@ -128,7 +130,9 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
         writer.add_key_value(key, value, kind[type(value)])
     kept = [t for t in reader.tensors if t.name not in factor_tensors]
     for tensor in kept:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.add_tensor_info(
+            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
     for name, values in new_tensors.items():
         writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes, gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()

@@ -51,7 +51,9 @@ def format_report(report: dict) -> str:
     ]
     for name, row in sorted(report["methods"].items(), key=lambda item: item[1]["needle_ppl"]):
         lines.append(f"  {name:<14}{row['needle_ppl']:>12.4g}{row['retrieval']:>10.0%}")
-    lines.append(f"  {'(in window)':<14}{report['in_window']:>12.4g}   at {report['original_window']} tokens, no scaling")
+    lines.append(
+        f"  {'(in window)':<14}{report['in_window']:>12.4g}   at {report['original_window']} tokens, no scaling"
+    )
     summary = gap_closed(report)
     lines.append(
         f"searched vs best baseline ({summary['best_baseline']}): {summary['vs_best_baseline']:+.1%} needle PPL; "
@@ -63,11 +65,12 @@ def format_report(report: dict) -> str:
 def format_status(study, baselines: dict, total: int | None, sampler_state=None) -> str:
     trials = study.get_trials(deepcopy=False)
     count = {state: sum(t.state == state for t in trials) for state in TrialState}
+    settled = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
     lines = [
-        f"study {study.study_name}: {count[TrialState.COMPLETE]} evaluations"
-        + (f" of {total}" if total else "")
-        + f", {count[TrialState.RUNNING]} running, {count[TrialState.FAIL]} failed, {count[TrialState.PRUNED]} pruned"
-    ]
+        f"study {study.study_name}: {settled} evaluations" + (f" of {total}" if total else "")
+        + (f" ({count[TrialState.PRUNED]} pruned)" if count[TrialState.PRUNED] else "")
+        + f", {count[TrialState.RUNNING]} running, {count[TrialState.FAIL]} failed"
+    ]  # fmt: skip
     if sampler_state is not None:
         lines.append("all generations done" if sampler_state.finished else
                      f"generation {sampler_state.generation}: {len(sampler_state.open_slots)} slots open, "
@@ -77,7 +80,9 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
         lines.append(f"best so far on the search documents: needle PPL {best.value:.4g} (trial {best.number}, "
                      f"retrieval {best.user_attrs.get('retrieval', float('nan')):.0%})")  # fmt: skip
         for name, row in sorted(baselines.items(), key=lambda item: item[1]["fitness"]):
-            lines.append(f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)")
+            lines.append(
+                f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)"
+            )
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         reasons = {}
@@ -86,6 +91,12 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
             reasons[reason] = reasons.get(reason, 0) + 1
         lines.append("failures: " + ", ".join(f"{n}x {r}" for r, n in reasons.items()))
     return "\n".join(lines)
+
+
+def format_pruning(saved: dict) -> str:
+    return (f"multi-fidelity: {saved['pruned']} of {saved['candidates']} candidates pruned after "
+            f"{saved['first_stage_documents']} of {saved['documents']} documents; "
+            f"{saved['scorings_saved']} candidate x document scorings saved ({saved['saved_fraction']:.0%})")  # fmt: skip
 
 
 def plot_factors(candidate: RopeCandidate, geometry: RopeGeometry, target: int, path: Path) -> None:
@@ -114,17 +125,24 @@ def plot_fitness(study, baselines: dict, path: Path) -> None:
     plt = _matplotlib()
     if plt is None:
         return
-    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
-    if not trials:
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    trials = sorted(study.get_trials(deepcopy=False, states=states), key=lambda t: t.number)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
         return
-    values = [t.value for t in trials]
     best, running = [], math.inf
-    for value in values:
-        running = min(running, value)
+    for trial in trials:
+        running = min(running, trial.value) if trial.state == TrialState.COMPLETE else running
         best.append(running)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(range(1, len(values) + 1), values, s=6, alpha=0.4, label="evaluation")
-    ax.plot(range(1, len(values) + 1), best, color="black", lw=2, label="best so far")
+    x = range(1, len(trials) + 1)
+    for state, marker, label in (
+        (TrialState.COMPLETE, "o", "evaluation"),
+        (TrialState.PRUNED, "x", "pruned (first stage)"),
+    ):
+        points = [(i, t.value) for i, t in zip(x, trials) if t.state == state and t.value is not None]
+        if points:
+            ax.scatter(*zip(*points), s=8, alpha=0.4, marker=marker, label=label)
+    ax.plot(x, best, color="black", lw=2, label="best so far")
     for name in ("yarn", "ntk", "critical_ntk"):
         if name in baselines:
             ax.axhline(baselines[name]["fitness"], ls="--", lw=1, label=name, color=f"C{CURVES.index(name) + 1}")

@@ -7,6 +7,7 @@ held-out report.
         best_factors.json   the best candidate so far, rewritten atomically after every round
         baselines.json      baselines on the search documents
         report.json         held-out needle PPL: baselines, searched, the model's own in-window PPL
+                            (and, under pruning, the scorings it saved)
         factors.png         the searched factor curve against PI / NTK / YaRN / critical-dim NTK
         fitness.png         needle PPL over evaluations
 """
@@ -29,6 +30,8 @@ from fitness.models import load_config, load_model, machine_name
 from fitness.needles import haystack_texts
 from search import driver, report
 from search.config import SearchConfig
+from search.pruning import saved_scorings
+from search.space import RopeSpace
 from search.storage import open_storage
 
 
@@ -45,7 +48,7 @@ def prepare(config_path: Path, overrides: dict | None = None) -> SearchConfig:
             node[leaf] = value
         config = validate(data, SearchConfig, str(config_path))
     geometry = geometry_from_config(load_config(config.model.name))
-    driver.RopeSpace(geometry, config.target(geometry.original_window), config.space)
+    RopeSpace(geometry, config.target(geometry.original_window), config.space)
     for needles in (config.needles, config.holdout):
         haystack_texts(needles.haystack)
     return config
@@ -114,6 +117,8 @@ def finish(ctx: driver.SearchContext) -> dict | None:
     report.plot_fitness(ctx.study, baselines, ctx.run_dir / "fitness.png")
     result = holdout_report(ctx, candidate)
     result["summary"] = report.gap_closed(result)
+    if ctx.config.pruning.name != "none":
+        result["pruning"] = saved_scorings(ctx.study, ctx.config.pruning, ctx.config.needles.documents)
     (ctx.run_dir / "report.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -122,6 +127,8 @@ def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> di
     config = load(run_dir)
     ctx = driver.open_context(Path(run_dir), config)
     summary = driver.search(ctx, stop_after=stop_after, quiet=quiet)
+    if config.pruning.name != "none":
+        summary["pruning"] = saved_scorings(ctx.study, config.pruning, config.needles.documents)
     if stop_after is None or driver.completed(ctx) >= (driver.total_budget(ctx) or 0):
         summary["report"] = finish(ctx)
     else:
@@ -134,6 +141,8 @@ def status(run_dir: Path) -> str:
     ctx = driver.open_context(Path(run_dir), config)
     state = ctx.sampler.state(ctx.study) if ctx.evolutionary else None
     text = report.format_status(ctx.study, ctx.study.user_attrs.get("baselines", {}), driver.total_budget(ctx), state)
+    if config.pruning.name != "none":
+        text += "\n" + report.format_pruning(saved_scorings(ctx.study, config.pruning, config.needles.documents))
     if (Path(run_dir) / "report.json").exists():
         text += "\n" + report.format_report(json.loads((Path(run_dir) / "report.json").read_text()))
     return text

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError
 
 from fitness.errors import RopeSearchError
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+SCHEMA_ATTEMPTS = 5
 SQLITE_TIMEOUT_S = 60  # wait this long for another process's lock before giving up ($ROPESEARCH_SQLITE_TIMEOUT)
 
 
@@ -30,7 +33,14 @@ def open_storage(spec: str | None, run_dir: Path) -> optuna.storages.BaseStorage
         return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
     timeout = float(os.environ.get("ROPESEARCH_SQLITE_TIMEOUT", SQLITE_TIMEOUT_S))
     kwargs = {"connect_args": {"timeout": timeout}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return RDBStorage(url, engine_kwargs=kwargs)
-    except (ArgumentError, NoSuchModuleError, ImportError) as err:  # a malformed URL or a missing DB driver
-        raise RopeSearchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return RDBStorage(url, engine_kwargs=kwargs)
+        except (ArgumentError, NoSuchModuleError, ImportError) as err:  # a malformed URL or a missing DB driver
+            raise RopeSearchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        except (IntegrityError, ProgrammingError):
+            # two drivers started together on an empty database both create Optuna's tables; the loser's
+            # CREATE fails ("already exists"), and its next try finds the schema there
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 + random.random())

@@ -2,9 +2,9 @@
 
 `ScoringWorker` is a plain class. `RayPool` runs one per Ray actor (local cluster by default, an
 existing one by address), replaces an actor that dies and re-runs its batch; `LocalPool` runs one
-in this process (tests, notebooks, and the reference for Ray's overhead). Both hand back results
-in completion order, and a batch that fails comes back as an error string, never as an exception
-that stops the search.
+in this process (tests, notebooks, and the reference for Ray's overhead). Both take jobs from a
+deque that the caller may extend while results come back, and hand back results in completion
+order; a batch that fails comes back as an error string, never as an exception that stops the search.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
@@ -82,10 +83,10 @@ class LocalPool:
 
     def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int):
         self.worker = ScoringWorker(model, needles, length, settings.documents_per_forward)
-        self.size = 1
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
-        for job in jobs:
+    def run(self, jobs: deque[Job]) -> Iterator[Outcome]:
+        while jobs:
+            job = jobs.popleft()
             try:
                 yield Outcome(job, self.worker.score([c.model_dump_json() for c in job.candidates], job.documents))
             except Exception as err:  # one failed batch never stops the search
@@ -116,22 +117,20 @@ class RayPool:
         self.args = (model, needles, length, settings.documents_per_forward)
         self.actors = [self._start() for _ in range(settings.count)]
         ray.get([a.info.remote() for a in self.actors])  # fail here, clearly, if a worker cannot load
-        self.size = len(self.actors)
 
     def _start(self):
         return self.actor_class.remote(*self.args)
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
+    def run(self, jobs: deque[Job]) -> Iterator[Outcome]:
         """Keep `in_flight` jobs queued on every actor, so a GPU never waits for the driver's bookkeeping."""
-        ray = self.ray
-        queue = list(reversed(jobs))
+        ray, queue = self.ray, jobs
         restarts: dict[int, int] = {}
         pending: dict = {}  # ref -> (actor index, the actor it went to, job)
         busy = [0] * len(self.actors)
         while queue or pending:
             for index in range(len(self.actors)):
                 while queue and busy[index] < self.settings.in_flight:
-                    job = queue.pop()
+                    job = queue.popleft()
                     payload = [c.model_dump_json() for c in job.candidates]
                     pending[self.actors[index].score.remote(payload, job.documents)] = (index, self.actors[index], job)
                     busy[index] += 1
@@ -149,7 +148,7 @@ class RayPool:
                     busy[index] = 0
                 restarts[id(job)] = restarts.get(id(job), 0) + 1
                 if restarts[id(job)] <= self.settings.max_restarts:
-                    queue.append(job)
+                    queue.appendleft(job)
                 else:
                     yield Outcome(job, None, f"worker died {restarts[id(job)]} times: {_first_line(err)}")
                 continue

@@ -69,5 +69,3 @@ def reference_history(tmp_path_factory):
     run_dir = runs.create(config, tmp / "runs")
     runs.run(run_dir, quiet=True)
     return history_of(run_dir), RopeCandidate.load(run_dir / "best_factors.json")
-
-

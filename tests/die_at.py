@@ -1,6 +1,6 @@
 """Run the CLI, but SIGKILL this process at the N-th call of a function: a crash at a chosen point.
 
-    python -m tests.die_at MODULE:QUALNAME N  -- search ...      (before the N-th call)
+python -m tests.die_at MODULE:QUALNAME N  -- search ...      (before the N-th call)
 """
 
 import importlib

@@ -20,8 +20,10 @@ SMALL = {
     "scale": 4,
     "needles": {"documents": 4, "seed": 3},
     "holdout": {"documents": 4, "seed": 99, "haystack": ["docstrings"]},
-    "sampler": {"seed": 5, "evolution": {"population": 8, "parents": 4, "mutations": 2, "crossovers": 2,
-                                        "generations": 4}},  # fmt: skip
+    "sampler": {
+        "seed": 5,
+        "evolution": {"population": 8, "parents": 4, "mutations": 2, "crossovers": 2, "generations": 4},
+    },
     "workers": {"backend": "local", "count": 1, "candidates_per_forward": 2, "documents_per_forward": 2},
     "baselines": ["none", "yarn", "critical_ntk"],
 }
@@ -57,5 +59,3 @@ def launch(args, cwd=REPO, env=None, module="search.cli", **kwargs):
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, **kwargs)  # fmt: skip
-
-

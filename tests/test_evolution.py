@@ -16,7 +16,9 @@ SETTINGS = EvolutionSettings(population=12, parents=4, mutations=3, crossovers=3
 
 def objective(candidate):
     """A smooth stand-in *objective* for sampler mechanics only (the product scores real models)."""
-    return sum((math.log(f) - math.log(4.5)) ** 2 for f in candidate.long_factors[13:]) + candidate.params["critical_dim"]
+    return (
+        sum((math.log(f) - math.log(4.5)) ** 2 for f in candidate.long_factors[13:]) + candidate.params["critical_dim"]
+    )
 
 
 def run_study(tmp_path, name, seed=0, settings=SETTINGS, storage=None):
@@ -81,9 +83,7 @@ def test_failed_slots_are_retried_then_given_up_and_interrupted_ones_are_no_atte
 
 
 def test_journal_storage_works_too(tmp_path):
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))
-    )
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
     study, _, _ = run_study(tmp_path, "g", storage=storage)
     reference, _, _ = run_study(tmp_path, "h")
     assert signature(study) == signature(reference)

@@ -22,18 +22,31 @@ TINY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=6
 def searched_like(geometry=TINY, target=1024, attention=None):
     """A non-trivial LongRoPE2-shaped vector: critical pair 9, rising tail, NTK head."""
     tail = [4.0 + 0.1 * i for i in range(geometry.pairs - 9)]
-    kwargs = {"attention_factor": attention} if attention else {
-        "attention_factor": math.sqrt(1 + math.log(target / geometry.original_window) / math.log(geometry.original_window))}
-    return make_candidate(geometry, target, critical_dim_shape(geometry.pairs, 9, tail[0], tail),
-                          method="longrope2-search", params={"critical_dim": 9}, **kwargs)
+    kwargs = (
+        {"attention_factor": attention}
+        if attention
+        else {
+            "attention_factor": math.sqrt(
+                1 + math.log(target / geometry.original_window) / math.log(geometry.original_window)
+            )
+        }
+    )
+    return make_candidate(
+        geometry,
+        target,
+        critical_dim_shape(geometry.pairs, 9, tail[0], tail),
+        method="longrope2-search",
+        params={"critical_dim": 9},
+        **kwargs,
+    )
 
 
 def plain_answer_nll(model, ids, answers):
     with torch.no_grad():
         logits = model(ids).logits.float()
-    return torch.stack([
-        torch.nn.functional.cross_entropy(logits[j, answers[j] - 1], ids[j, answers[j]]) for j in range(len(ids))
-    ])
+    return torch.stack(
+        [torch.nn.functional.cross_entropy(logits[j, answers[j] - 1], ids[j, answers[j]]) for j in range(len(ids))]
+    )
 
 
 def test_hf_round_trip_with_plain_transformers(tmp_path, tiny):
@@ -118,8 +131,9 @@ def test_gguf_copy_holds_vectors_and_keys(tmp_path, static):
     out = EXPORTERS["gguf"](candidate, str(source), tmp_path / "out.gguf", static=static)
     reader = gguf.GGUFReader(out)
     tensors = {t.name: t for t in reader.tensors}
-    np.testing.assert_array_equal(tensors["token_embd.weight"].data.reshape(32, 128),
-                                  np.arange(32 * 128, dtype=np.float32).reshape(32, 128))
+    np.testing.assert_array_equal(
+        tensors["token_embd.weight"].data.reshape(32, 128), np.arange(32 * 128, dtype=np.float32).reshape(32, 128)
+    )
     field = lambda key: reader.get_field(key).contents()  # noqa: E731
     if static:
         assert np.array_equal(tensors["rope_freqs.weight"].data, np.float32(candidate.long_factors))

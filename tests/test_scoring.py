@@ -38,7 +38,9 @@ def test_batched_candidates_equal_sequential(tiny, needles_4x):
         for one, many in zip(sequential, batched):
             assert many.fitness == pytest.approx(one.fitness, rel=1e-4)
             assert many.retrieval == one.retrieval
-            torch.testing.assert_close(torch.tensor(many.document_nll), torch.tensor(one.document_nll), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor(many.document_nll), torch.tensor(one.document_nll), atol=1e-4, rtol=0
+            )
 
 
 def test_fitness_is_exp_mean_nll_and_retrieval_is_exact_match(tiny):

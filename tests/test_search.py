@@ -62,3 +62,18 @@ def test_kill_9_three_times_and_resume_gives_the_same_history(tmp_path, referenc
     history, best = reference_history
     assert history_of(run_dir) == history
     assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_optuna_samplers_search_the_same_space(tmp_path, sampler):
+    changes = {"sampler.name": sampler, "budget.evaluations": 10, "pruning.name": "earlier_trials",
+               "pruning.documents": 2, "pruning.min_reference": 4}  # fmt: skip
+    config = runs.prepare(write_config(tmp_path, **changes))
+    run_dir = runs.create(config, tmp_path / "runs")
+    summary = runs.run(run_dir, quiet=True)
+    assert summary["completed"] == 10
+    rows = history_of(run_dir)
+    assert [r["slot"] for r in rows] == [[n] for n in range(10)]
+    best = RopeCandidate.load(run_dir / "best_factors.json")
+    assert list(best.long_factors) == sorted(best.long_factors)  # every proposal repaired into the space
+    assert best.params["fitness"] == min(r["value"] for r in rows if "pruned_at" not in r)

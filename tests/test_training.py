@@ -50,7 +50,9 @@ def test_rows_choose_their_rope(tiny):
     for row in range(8):
         where = (batch.position_ids[row] == 5).nonzero()[0, 0]
         angle = expected_long if long_rows[row] else expected_short
-        assert cos[row, where, 1].item() == pytest.approx(torch.cos(angle).item() * candidate.attention_factor, rel=1e-5)
+        assert cos[row, where, 1].item() == pytest.approx(
+            torch.cos(angle).item() * candidate.attention_factor, rel=1e-5
+        )
 
 
 def test_batches_are_a_pure_function_of_the_step(tiny):
@@ -99,6 +101,7 @@ def test_kill_and_resume_gives_the_identical_loss_curve(tmp_path):
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
     assert losses(crashed) == losses(reference)
     assert len(losses(reference)) == 12
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     assert (crashed / "model" / "config.json").exists() and (crashed / "evaluation.json").exists()
 
 

@@ -1,0 +1,75 @@
+"""Multi-fidelity pruning against scoring every candidate fully: the same search config and generations,
+one run (JSON out). Each variant is a whole search (no time cap) followed by its held-out report.
+
+    python benchmarks/pruning.py configs/default.yaml --first 8 --keep-best 32 \
+        --out benchmarks/results/pruning-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fitness.factors import RopeCandidate  # noqa: E402
+from fitness.models import machine_name  # noqa: E402
+from search import runs  # noqa: E402
+
+
+def run_search(config_path: Path, overrides: dict) -> dict:
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = runs.prepare(config_path, {"budget.minutes": None, **overrides})
+        run_dir = runs.create(config, Path(tmp))
+        summary = runs.run(run_dir, quiet=True)
+        best = RopeCandidate.load(run_dir / "best_factors.json")
+    ray.shutdown()
+    held_out = summary["report"]["summary"]
+    return {
+        "seconds": summary["seconds"],
+        "loop_seconds": summary["loop_seconds"],
+        "settled": summary["completed"],
+        "pruning": summary.get("pruning"),
+        "best_on_search_documents": best.params["fitness"],
+        "held_out_searched_ppl": held_out["searched_ppl"],
+        "held_out_best_baseline": {held_out["best_baseline"]: held_out["best_baseline_ppl"]},
+        "held_out_gap_closed": held_out["gap_closed"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--first", type=int, default=8, help="first-stage documents")
+    parser.add_argument("--keep-best", type=int, default=32, help="go on only within the best N earlier candidates")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    pruned = {"pruning.name": "earlier_trials", "pruning.documents": args.first, "pruning.keep_best": args.keep_best}
+    results = {"full": run_search(args.config, {}), "pruned": run_search(args.config, pruned)}
+    full, cut = results["full"], results["pruned"]
+    results["summary"] = {
+        "wall_time_ratio": cut["loop_seconds"] / full["loop_seconds"],
+        "scorings_saved_fraction": cut["pruning"]["saved_fraction"],
+        "held_out_ppl_ratio": cut["held_out_searched_ppl"] / full["held_out_searched_ppl"],
+    }
+    results["machine"] = machine_name("cuda" if torch.cuda.is_available() else "cpu")
+    results["torch"] = torch.__version__
+    results["config"] = str(args.config)
+    results["pruning_settings"] = pruned
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

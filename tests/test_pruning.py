@@ -1,0 +1,127 @@
+"""Multi-fidelity: candidates pruned on the first documents, with decisions that survive a crash."""
+
+import math
+import signal
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import driver, report, runs
+from search.evolution import SLOT
+from search.pruning import PruningSettings, make_pruner
+from tests.search_helpers import completed_in, history_of, launch, write_config
+
+FIRST = 2  # of the small config's 4 documents
+PRUNING = {
+    "pruning.name": "earlier_trials",
+    "pruning.documents": FIRST,
+    "pruning.keep_percentile": 50,
+    "pruning.min_reference": 4,
+    "sampler.evolution.generations": 6,
+}
+SETTLED = 8 + 5 * 4
+
+
+def new_run(tmp_path, **changes):
+    return runs.create(runs.prepare(write_config(tmp_path, **PRUNING, **changes)), tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pruned")
+    run_dir = new_run(tmp)
+    summary = runs.run(run_dir, quiet=True)
+    return run_dir, summary
+
+
+def settled_trials(run_dir):
+    ctx = driver.open_context(run_dir, runs.load(run_dir))
+    return ctx, ctx.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def test_pruned_candidates_stop_after_the_first_documents(pruned_run):
+    run_dir, summary = pruned_run
+    ctx, trials = settled_trials(run_dir)
+    assert len(trials) == summary["completed"] == SETTLED
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned and complete
+    for trial in pruned:
+        assert len(trial.user_attrs["document_nll"]) == FIRST
+        assert trial.value == trial.intermediate_values[FIRST]
+    for trial in complete:
+        nll = trial.user_attrs["document_nll"]
+        assert len(nll) == 4
+        assert trial.value == pytest.approx(math.exp(sum(nll) / 4), rel=1e-12)
+        assert trial.intermediate_values[FIRST] == pytest.approx(math.exp(sum(nll[:FIRST]) / FIRST), rel=1e-12)
+    assert summary["pruning"]["pruned"] == len(pruned)
+    assert summary["pruning"]["scorings_saved"] == len(pruned) * (4 - FIRST)
+    assert f"{len(pruned)} of {SETTLED} candidates pruned" in runs.status(run_dir)
+
+
+def test_each_decision_follows_the_earlier_generations(pruned_run):
+    """Pruned exactly when the first-stage PPL is worse than the median of earlier generations' (>= 4 of them)."""
+    run_dir, _ = pruned_run
+    ctx, trials = settled_trials(run_dir)
+    slot = ctx.sampler.slot_of
+    for trial in trials:
+        earlier = [t.intermediate_values[FIRST] for t in trials if slot(t)[0] < slot(trial)[0]]
+        worse = len(earlier) >= 4 and trial.intermediate_values[FIRST] > np.percentile(earlier, 50)
+        assert (trial.state == TrialState.PRUNED) == worse, trial.number
+    assert not any(t.state == TrialState.PRUNED for t in trials if slot(t)[0] == 0)  # nothing to compare with yet
+
+
+def test_no_candidate_is_scored_twice(pruned_run):
+    run_dir, _ = pruned_run
+    ctx, trials = settled_trials(run_dir)
+    keys = [ctx.space.key(t.params) for t in trials]
+    assert len(set(keys)) == len(keys)
+
+
+def test_the_fitness_plot_and_report_carry_the_pruning(pruned_run):
+    run_dir, summary = pruned_run
+    assert (run_dir / "fitness.png").stat().st_size > 0
+    assert summary["report"]["pruning"] == summary["pruning"]
+    line = report.format_pruning(summary["pruning"])
+    assert f"after {FIRST} of 4 documents" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "target, call",
+    [("search.driver:after_first_stage", 7), ("search.driver:_joined", 9)],
+    ids=["before a first stage is told", "between second-stage tells"],
+)  # fmt: skip
+def test_killed_and_resumed_pruned_search_decides_the_same(tmp_path, pruned_run, target, call):
+    run_dir = new_run(tmp_path)
+    crashed = launch([target, str(call), "--", "resume", str(run_dir)], module="tests.die_at")
+    assert crashed.wait(timeout=600) == -signal.SIGKILL, crashed.stderr.read().decode()[-2000:]
+    assert completed_in(run_dir / "study.db") < SETTLED
+    resumed = launch(["resume", str(run_dir)])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    assert history_of(run_dir) == history_of(pruned_run[0])
+
+
+def _settled(generation: int, slot: int, first_stage: float):
+    return optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=first_stage, intermediate_values={FIRST: first_stage},
+        system_attrs={SLOT: [generation, slot]},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings, kept",
+    [({"keep_best": 3, "min_reference": 1}, [1.0, 2.0, 3.0]), ({"keep_percentile": 50, "min_reference": 1}, [1.0, 2.0, 3.0]),
+     ({"keep_best": 2, "min_reference": 1}, [1.0, 2.0]), ({"keep_best": 3, "min_reference": 6}, [1.0, 2.0, 3.0, 4.0, 5.0])],
+)  # fmt: skip
+def test_the_pruner_compares_with_earlier_generations_only(settings, kept):
+    pruner = make_pruner(PruningSettings(name="earlier_trials", **settings))
+    study = optuna.create_study()
+    for slot, value in enumerate([1.0, 2.0, 3.0, 4.0, 5.0]):
+        study.add_trial(_settled(0, slot, value))
+    study.add_trial(_settled(1, 0, 0.5))  # the same generation: never a reference
+    for value in [1.0, 2.0, 3.0, 4.0, 5.0]:
+        trial = _settled(1, 1, value)
+        assert pruner.prune(study, trial) == (value not in kept), value
