@@ -23,14 +23,12 @@ from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.models import load_config
 from fitness.scoring import fitness_of
 from search.config import SearchConfig
-from search.evolution import DUPLICATE, ERROR, INTERRUPTED, NO_SLOT, SLOT, EvolutionarySampler
+from search.evolution import DUPLICATE, ERROR, NO_SLOT, SLOT, EvolutionarySampler
+from search.liveness import DRIVER, Heartbeat, fail_interrupted
 from search.pruning import make_pruner
 from search.space import RopeSpace
 from search.storage import open_storage
 from search.workers import Job, make_pool
-
-DRIVER = "ropesearch:driver"
-HEARTBEAT_GRACE_S = 120.0
 
 
 @dataclass
@@ -45,7 +43,6 @@ class SearchContext:
     sampler: optuna.samplers.BaseSampler
     study: optuna.Study
     driver_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
-    last_heartbeat: float = 0.0
 
     @property
     def evolutionary(self) -> bool:
@@ -82,42 +79,6 @@ def open_context(run_dir: Path, config: SearchConfig) -> SearchContext:
         load_if_exists=True,
     )
     return SearchContext(run_dir, config, geometry, target, space, sampler, study)
-
-
-# ---------------------------------------------------------------- drivers alive and dead
-def _alive(driver: str, heartbeats: dict) -> bool:
-    host, pid, _ = driver.split(":")
-    if host == socket.gethostname():
-        try:
-            os.kill(int(pid), 0)
-            return True
-        except (ProcessLookupError, ValueError):
-            return False
-        except PermissionError:
-            return True
-    return time.time() - heartbeats.get(driver, 0.0) < HEARTBEAT_GRACE_S
-
-
-def heartbeat(ctx: SearchContext, every_s: float = 10.0) -> None:
-    """Tell other drivers this one is alive (a storage write, so at most every `every_s` seconds)."""
-    now = time.time()
-    if now - ctx.last_heartbeat >= every_s:
-        ctx.study._storage.set_study_system_attr(ctx.study._study_id, f"ropesearch:heartbeat:{ctx.driver_id}", now)
-        ctx.last_heartbeat = now
-
-
-def fail_interrupted(ctx: SearchContext) -> int:
-    """Mark RUNNING trials whose driver is dead as failed ("interrupted"); their slots open again."""
-    attrs = ctx.study._storage.get_study_system_attrs(ctx.study._study_id)
-    heartbeats = {k.split("heartbeat:", 1)[1]: v for k, v in attrs.items() if k.startswith("ropesearch:heartbeat:")}
-    count = 0
-    for trial in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        driver = trial.system_attrs.get(DRIVER, "?:0:0")
-        if driver != ctx.driver_id and not _alive(driver, heartbeats):
-            ctx.study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
-            ctx.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            count += 1
-    return count
 
 
 # ---------------------------------------------------------------- asking
@@ -179,15 +140,16 @@ def next_jobs(ctx: SearchContext, limit: int) -> list[Job] | None:
 
 
 def _whole_groups(open_slots: list[int], k: int, limit: int) -> list[int]:
-    """The open slots of the first groups of k slots, at most `limit` of them."""
-    taken, groups = [], set()
+    """Open slots of the first groups of k slots: whole groups while they fit in `limit` (and at least
+    part of one), so a driver does not score slots it has not asked, only to see them asked again."""
+    groups: dict[int, list[int]] = {}
     for slot in open_slots:
-        if len(taken) == limit:
+        groups.setdefault(slot // k, []).append(slot)
+    taken: list[int] = []
+    for slots in groups.values():
+        if taken and len(taken) + len(slots) > limit:
             break
-        if slot // k not in groups and len(taken) + 1 > limit:
-            break
-        groups.add(slot // k)
-        taken.append(slot)
+        taken += slots[: limit - len(taken)]
     return taken
 
 
@@ -316,8 +278,9 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     asked in its place, so the workers never wait for a round to drain, and a driver holds only the
     slots its workers can score, leaving the rest of a generation to other drivers of the same study."""
     config = ctx.config
-    fail_interrupted(ctx)
-    heartbeat(ctx)
+    fail_interrupted(ctx.study, ctx.driver_id)
+    heartbeat = Heartbeat(ctx.study, ctx.driver_id)
+    heartbeat()
     model, needles = config.model.model_dump(), config.needles.model_dump()
     pool = make_pool(config.workers, model, needles, ctx.target)
     started, evaluated = time.time(), 0
@@ -359,7 +322,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                 if room() == 0 or not ctx.evolutionary or ctx.sampler.state(ctx.study).finished:
                     break
                 time.sleep(1.0)  # another driver is finishing this generation
-                heartbeat(ctx)
+                heartbeat()
                 continue
             for outcome in pool.run(jobs):
                 outstanding -= 1
@@ -374,7 +337,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                 progress.set_postfix(
                     best=f"{best_value(ctx):.4g}", eval_s=f"{evaluated / (time.time() - loop_started):.2f}"
                 )
-                heartbeat(ctx)
+                heartbeat()
                 if time.time() - last_written > 10:
                     write_best(ctx)
                     last_written = time.time()

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from search import driver, runs
 from search.evolution import EvolutionarySampler
+from search.liveness import DRIVER
 from search.storage import open_storage
 from tests.search_helpers import completed_in, history_of, launch, write_config
 
@@ -167,5 +168,5 @@ def test_two_drivers_share_one_study(tmp_path, reference_history, backend):
     study = optuna.load_study(study_name=name, storage=open_storage(url, tmp_path))
     one_complete_per_slot(study, total=8 + 11 * 4)
     assert driver.history(study)[:TOTAL] == reference_history[0]
-    drivers_seen = {t.system_attrs.get(driver.DRIVER) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    drivers_seen = {t.system_attrs.get(DRIVER) for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert len(drivers_seen) == 2  # both drivers really evaluated

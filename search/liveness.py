@@ -1,0 +1,60 @@
+"""Which drivers of a study are alive: a trial left RUNNING by a dead one is failed as "interrupted",
+and its slot is asked again (and is no attempt).
+
+On the driver's own host, a driver is alive while its process is; elsewhere, while its heartbeat
+(a study attribute written every 10 s) is younger than `HEARTBEAT_GRACE_S`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from optuna.trial import TrialState
+
+from search.evolution import ERROR, INTERRUPTED
+
+DRIVER = "ropesearch:driver"  # the trial attribute naming the driver that asked it: host:pid:start
+HEARTBEAT_GRACE_S = 120.0
+
+
+def _alive(driver: str, heartbeats: dict) -> bool:
+    host, pid, _ = driver.split(":")
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+            return True
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:
+            return True
+    return time.time() - heartbeats.get(driver, 0.0) < HEARTBEAT_GRACE_S
+
+
+class Heartbeat:
+    """Tells other drivers this one is alive: a storage write, so at most every `every_s` seconds."""
+
+    def __init__(self, study, driver_id: str, every_s: float = 10.0):
+        self.study, self.driver_id, self.every_s, self.last = study, driver_id, every_s, 0.0
+
+    def __call__(self) -> None:
+        now = time.time()
+        if now - self.last >= self.every_s:
+            self.study._storage.set_study_system_attr(
+                self.study._study_id, f"ropesearch:heartbeat:{self.driver_id}", now
+            )
+            self.last = now
+
+
+def fail_interrupted(study, driver_id: str) -> int:
+    """Mark RUNNING trials whose driver is dead as failed ("interrupted"); their slots open again."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    heartbeats = {k.split("heartbeat:", 1)[1]: v for k, v in attrs.items() if k.startswith("ropesearch:heartbeat:")}
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        driver = trial.system_attrs.get(DRIVER, "?:0:0")
+        if driver != driver_id and not _alive(driver, heartbeats):
+            study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            count += 1
+    return count
