@@ -8,7 +8,6 @@ one run (JSON out). Each variant is a whole search (no time cap) followed by its
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.output import emit  # noqa: E402
 from fitness.factors import RopeCandidate  # noqa: E402
 from fitness.models import machine_name  # noqa: E402
 from search import runs  # noqa: E402
@@ -64,11 +64,7 @@ def main():
     results["torch"] = torch.__version__
     results["config"] = str(args.config)
     results["pruning_settings"] = pruned
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

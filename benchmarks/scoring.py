@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.output import emit  # noqa: E402
 from fitness.factors import baseline  # noqa: E402
 from fitness.geometry import geometry_from_config  # noqa: E402
 from fitness.models import ModelSettings, load_model  # noqa: E402
@@ -153,11 +154,7 @@ def main():
             row["batched_speedup"] = row["batched"]["candidate_docs_per_s"] / row["sequential"]["candidate_docs_per_s"]
     payload = {"machine": machine(), "model": args.model, "dtype": args.dtype, "docs": args.docs,
                "candidates": args.candidates, "torch": torch.__version__, "results": results}  # fmt: skip
-    text = json.dumps(payload, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(payload, args.out)
 
 
 if __name__ == "__main__":

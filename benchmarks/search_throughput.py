@@ -13,7 +13,6 @@ Runs the same number of evaluations of a search config three ways, in one run (J
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.output import emit  # noqa: E402
 from search import driver, runs  # noqa: E402
 from search.workers import ScoringWorker  # noqa: E402
 
@@ -85,11 +85,7 @@ def main():
     payload = {"machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
                f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores",
                "config": str(args.config), "documents": documents, "results": results, "summary": summary}  # fmt: skip
-    text = json.dumps(payload, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(payload, args.out)
 
 
 if __name__ == "__main__":

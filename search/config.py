@@ -20,7 +20,7 @@ DEFAULT_BASELINES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"]
 class SamplerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["evolution", "tpe", "cmaes", "random"] = "evolution"  # Optuna's are asked a batch at a time
+    name: Literal["evolution", "tpe", "cmaes", "random"] = "evolution"  # Optuna's: asked one job of trials at a time
     seed: int = 0
     evolution: EvolutionSettings = Field(default_factory=EvolutionSettings)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+
 from optuna.trial import TrialState
 
 from search.evolution import ERROR, INTERRUPTED

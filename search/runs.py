@@ -4,7 +4,7 @@ held-out report.
     runs/<name>-<timestamp>/
         config.yaml         the validated config, every default written out
         study.db            the Optuna study (unless `storage` points elsewhere)
-        best_factors.json   the best candidate so far, rewritten atomically after every round
+        best_factors.json   the best candidate so far, rewritten atomically every 10 s and at the end
         baselines.json      baselines on the search documents
         report.json         held-out needle PPL: baselines, searched, the model's own in-window PPL
                             (and, under pruning, the scorings it saved)
