@@ -125,3 +125,10 @@ def test_the_pruner_compares_with_earlier_generations_only(settings, kept):
     for value in [1.0, 2.0, 3.0, 4.0, 5.0]:
         trial = _settled(1, 1, value)
         assert pruner.prune(study, trial) == (value not in kept), value
+
+
+@pytest.mark.slow
+def test_two_ray_workers_prune_the_same(tmp_path, pruned_run):
+    run_dir = new_run(tmp_path, **{"workers.backend": "ray", "workers.count": 2})
+    runs.run(run_dir, quiet=True)
+    assert history_of(run_dir) == history_of(pruned_run[0])
