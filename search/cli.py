@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("search", help="start a search from a config (creates a run folder)",
                             description="Start a LongRoPE2 search: an Optuna study over the critical-dimension "
-                            "space, scored by Ray workers on needle documents. Creates RUNS_DIR/<name>-<time>/.")  # fmt: skip
+                            "space, scored by Ray workers on needle documents. Creates RUNS_DIR/<name>-<time>/.",
+                            epilog="The config's sections: model, scale | target_window, needles (search documents), "
+                            "holdout, space, sampler (evolution, tpe, cmaes, random), pruning (multi-fidelity), "
+                            "budget, workers, storage, baselines. configs/default.yaml is a commented example; the README explains each.")  # fmt: skip
     p.add_argument("config", help="search config YAML (e.g. configs/default.yaml)")
     p.add_argument("--runs-dir", default="runs", help="where run folders are created (default: runs)")
     p.add_argument("--workers", type=int, help="number of scoring workers (overrides workers.count)")
