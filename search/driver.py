@@ -130,7 +130,7 @@ def next_jobs(ctx: SearchContext, limit: int) -> list[Job] | None:
     if not by_slot:
         return None
     proposals = sampler.proposals(ctx.study, state.generation)
-    pruned = sampler.pruned_slots(ctx.study, state.generation)
+    pruned = sampler.pruned_slots(ctx.study, state.generation) if _first_stage(ctx) else set()
     jobs = []
     for group in sorted({slot // k for slot in by_slot}):
         slots = range(group * k, min((group + 1) * k, len(proposals)))
@@ -218,8 +218,8 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
 
 def settle(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
     """Tell the study what a job's outcome means. Returns (evaluations settled, a follow-up job or None)."""
-    staged = outcome.job.tag and outcome.job.tag[0].first_stage is None and _first_stage(ctx) is not None
-    if staged:
+    first_stage = _first_stage(ctx)
+    if first_stage is not None and outcome.job.documents == first_stage:
         return after_first_stage(ctx, outcome)
     scores = outcome.scores or [None] * len(outcome.job.tag)
     return sum(record(ctx, asked, score, outcome.error) for asked, score in zip(outcome.job.tag, scores)), None
@@ -310,7 +310,8 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                 return
             jobs.extend(new)
             outstanding += len(new)
-            open_trials.update(a.trial._trial_id for job in new for a in job.tag if a.trial is not None)
+            for job in new:
+                open_trials.update(_trial_ids(job))
 
     try:
         score_baselines(ctx, pool)
@@ -327,11 +328,11 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
             for outcome in pool.run(jobs):
                 outstanding -= 1
                 settled, follow_up = settle(ctx, outcome)
-                open_trials.difference_update(a.trial._trial_id for a in outcome.job.tag if a.trial is not None)
+                open_trials.difference_update(_trial_ids(outcome.job))
                 if follow_up is not None:
                     jobs.appendleft(follow_up)  # first in line: its trials are the oldest open ones
                     outstanding += 1
-                    open_trials.update(a.trial._trial_id for a in follow_up.tag if a.trial is not None)
+                    open_trials.update(_trial_ids(follow_up))
                 evaluated += settled
                 progress.update(settled)
                 progress.set_postfix(
@@ -349,6 +350,10 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     ended = time.time()
     return {"evaluated": evaluated, "seconds": ended - started, "loop_seconds": ended - loop_started,
             "completed": completed(ctx)}  # fmt: skip
+
+
+def _trial_ids(job: Job) -> set[int]:
+    return {a.trial._trial_id for a in job.tag if a.trial is not None}
 
 
 def best_value(ctx: SearchContext) -> float:
