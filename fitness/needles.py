@@ -1,4 +1,4 @@
-"""Needle documents: real haystack text, a "special magic number" needle at a depth, and the question
+"""Needle documents: real haystack text, needles of one or several formats at a depth, and the question
 restated at the end, ending right before the answer. Token-exact: every document has exactly the
 target length, and the labels are the answer tokens as they stand in the document.
 
@@ -6,6 +6,9 @@ A document is assembled from separately tokenized pieces that each begin at a wh
 (haystack sentences, needles, the question), so the token sequence is the one the tokenizer gives
 each piece. The question and its answer are tokenized together, and the answer's tokens are found by
 character offsets in that piece, never by tokenizing the answer alone.
+
+Needle formats live in `fitness.needle_formats` (a registry of small functions), haystacks in
+`fitness.haystacks`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ import json
 import logging
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fitness.errors import RopeSearchError
+from fitness.haystacks import (  # noqa: F401  (re-exported: many modules import them from here)
+    BUILTIN_HAYSTACKS,
+    Haystack,
+    encode,
+    haystack_texts,
+    sentences,
+)
+from fitness.needle_formats import NEEDLE_FORMATS, WORDINGS, FormatInputs, Wording
 
-SENTENCE_END = re.compile(r"(?<=[.!?:;])(?=\s)|(?=\n)")
-WORD = re.compile(r"\b[a-z]{4,10}\b")
 CACHE_VERSION = 2
 
 
@@ -39,6 +48,14 @@ class NeedleSettings(BaseModel):
     depths: list[float] = Field(default_factory=lambda: [i / 9 for i in range(10)])
     needles_per_document: int = Field(default=1, gt=0)
     seed: int = 0
+    # Documents take their format in turn from a shuffled cycle of these (so a set of n x len(formats)
+    # documents holds n of each), decorrelated from the depths; see NEEDLE_FORMATS for the names.
+    formats: list[str] = Field(default_factory=lambda: ["magic_number"])
+    # Which wordings of each format: "first" (the default; the bundled model knows only the first
+    # magic-number wording), "all", or {format: [wording indices]} (a format not named: all).
+    wordings: Literal["first", "all"] | dict[str, list[int]] = "first"
+    # Wording 0 of magic_number: kept as fields so that older configs and the bundled model's recipe
+    # keep working.
     needle_template: str = "One of the special magic numbers for {key} is: {value}."
     question_template: str = (
         "What is the special magic number for {key} mentioned in the provided text? "
@@ -46,7 +63,7 @@ class NeedleSettings(BaseModel):
     )
     digits: int = Field(default=7, ge=1, le=18)
 
-    @field_validator("haystack", mode="before")
+    @field_validator("haystack", "formats", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
@@ -58,6 +75,14 @@ class NeedleSettings(BaseModel):
             raise ValueError("depths must be a non-empty list of fractions in [0, 1]")
         return depths
 
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats):
+        unknown = [name for name in formats if name not in NEEDLE_FORMATS]
+        if unknown or not formats:
+            raise ValueError(f"unknown needle format(s) {unknown}; known: {', '.join(NEEDLE_FORMATS)}")
+        return formats
+
     @model_validator(mode="after")
     def _templates_have_slots(self) -> "NeedleSettings":
         for name in ("needle_template", "question_template"):
@@ -68,11 +93,35 @@ class NeedleSettings(BaseModel):
             raise ValueError("question_template must end with the {value} answer slot")
         return self
 
+    @model_validator(mode="after")
+    def _wordings_exist(self) -> "NeedleSettings":
+        if isinstance(self.wordings, dict):
+            for name, indices in self.wordings.items():
+                if name not in self.formats:
+                    raise ValueError(f"wordings names {name!r}, which is not in formats {self.formats}")
+                known = len(WORDINGS[name])
+                if not indices or any(not 0 <= i < known for i in indices):
+                    raise ValueError(f"wordings of {name!r} must be indices in 0..{known - 1}")
+        return self
+
+    def wording_indices(self, format_name: str) -> list[int]:
+        if self.wordings == "first":
+            return [0]
+        if isinstance(self.wordings, dict) and format_name in self.wordings:
+            return list(self.wordings[format_name])
+        return list(range(len(WORDINGS[format_name])))
+
+    def wording(self, format_name: str, index: int) -> Wording:
+        if format_name == "magic_number" and index == 0:
+            return Wording(self.needle_template, self.question_template)
+        return WORDINGS[format_name][index]
+
 
 @dataclass
 class NeedleSet:
     """Tokenized needle documents of one length. `answers[j]` are the positions of document j's answer
-    tokens; the logits that predict them sit one position earlier."""
+    tokens; the logits that predict them sit one position earlier. `meta[j]["format"]` names the
+    document's needle format (and `meta[j]["wording"]` which of its wordings)."""
 
     input_ids: torch.Tensor  # [documents, length], int64
     answers: list[torch.Tensor]  # per document, int64 positions
@@ -92,89 +141,12 @@ class NeedleSet:
     def answer_ids(self, j: int) -> torch.Tensor:
         return self.input_ids[j, self.answers[j]]
 
-
-# ---------------------------------------------------------------- haystack sources
-def _pydoc_texts() -> list[str]:
-    import pydoc_data.topics
-
-    return [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
-
-
-def _docstring_texts() -> list[str]:
-    """Docstrings of standard-library modules, read from their source files (not from imported
-    objects, whose set depends on what else the process imported): real English, another source
-    than the pydoc topics."""
-    import ast
-    import importlib.util
-
-    names = [
-        "argparse", "asyncio.tasks", "asyncio.events", "collections", "csv", "datetime", "decimal", "email.message",
-        "fractions", "functools", "heapq", "http.client", "inspect", "itertools", "json", "logging", "pathlib",
-        "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
-        "threading", "typing", "unittest.case", "urllib.parse", "uuid", "zipfile", "textwrap", "difflib",
-        "calendar", "contextlib",
-    ]  # fmt: skip
-    texts = []
-    for name in names:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    texts.append(doc)
-    return texts
-
-
-BUILTIN_HAYSTACKS = {"pydoc": _pydoc_texts, "docstrings": _docstring_texts}
-
-
-def _file_texts(path: Path) -> list[str]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".jsonl") and p.is_file())
-        if not files:
-            raise RopeSearchError(f"haystack folder {path} has no .txt, .md or .jsonl files")
-        return [text for f in files for text in _file_texts(f)]
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise RopeSearchError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from None
-        return texts
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError:
-        raise RopeSearchError(f"haystack file {path} is not UTF-8 text") from None
-
-
-def haystack_texts(sources: list[str]) -> list[str]:
-    texts = []
-    for source in sources:
-        if source in BUILTIN_HAYSTACKS:
-            texts += BUILTIN_HAYSTACKS[source]()
-        elif Path(source).expanduser().exists():
-            texts += _file_texts(Path(source).expanduser())
-        else:
-            raise RopeSearchError(
-                f"haystack {source!r}: no such file or folder (built in: {', '.join(BUILTIN_HAYSTACKS)})"
-            )
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise RopeSearchError(f"haystack {sources} is empty")
-    return texts
-
-
-def sentences(text: str) -> list[str]:
-    """Pieces that each start at a whitespace boundary and end a sentence or a line."""
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    pieces = [p for p in SENTENCE_END.split(text) if p.strip()]
-    return [p if p[0].isspace() else " " + p for p in pieces]
+    def formats(self) -> dict[str, list[int]]:
+        """Document indices by needle format, in first-seen order."""
+        groups: dict[str, list[int]] = {}
+        for j, meta in enumerate(self.meta):
+            groups.setdefault(meta.get("format", "magic_number"), []).append(j)
+        return groups
 
 
 # ---------------------------------------------------------------- tokenizer helpers
@@ -191,10 +163,6 @@ def special_prefix(tokenizer) -> list[int]:
     return with_special[: len(with_special) - len(plain)] if with_special[-len(plain) :] == plain else []
 
 
-def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
 def encode_with_answer(tokenizer, text: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of `text` and the indices of the tokens that cover the last occurrence of `answer`."""
     start = text.rindex(answer)
@@ -207,46 +175,46 @@ def encode_with_answer(tokenizer, text: str, answer: str) -> tuple[list[int], li
 
 
 # ---------------------------------------------------------------- building documents
-class Haystack:
-    """The haystack as one long cycle of tokenized sentences."""
-
-    def __init__(self, tokenizer, sources: list[str]):
-        texts = haystack_texts(sources)
-        pieces = [s for text in texts for s in sentences(text)]
-        self.fingerprint = hashlib.sha256("\x00".join(pieces).encode()).hexdigest()[:16]
-        self.pieces = [ids for ids in encode(tokenizer, pieces) if ids]
-        if not self.pieces:
-            raise RopeSearchError(f"haystack {sources} has no text the tokenizer keeps")
-        words = sorted({w for text in texts for w in WORD.findall(text.lower())})
-        self.words = words if len(words) >= 20 else [f"item{i}" for i in range(100)]
-
-    def take(self, start: int, budget: int) -> list[list[int]]:
-        """Whole sentences from `start` on (cycling) until `budget` tokens; the last one cut to fit."""
-        taken, total, i = [], 0, start
-        while total < budget:
-            piece = self.pieces[i % len(self.pieces)]
-            taken.append(piece[: budget - total])
-            total += len(taken[-1])
-            i += 1
-        return taken
+def document_plan(settings: NeedleSettings, documents: int) -> list[tuple[str, int]]:
+    """(format, wording index) of each document. Drawn from its own rng, so that a single format with
+    a single wording leaves the document rng, and so the documents, exactly as they were before
+    formats existed; the same plan at every length."""
+    rng = random.Random(f"needle-formats:{settings.seed}")
+    order: list[str] = []
+    while len(order) < documents:
+        block = list(settings.formats)
+        rng.shuffle(block)
+        order += block
+    return [(name, rng.choice(settings.wording_indices(name))) for name in order[:documents]]
 
 
 def build_document(
-    tokenizer, haystack: Haystack, settings: NeedleSettings, length: int, rng: random.Random, depth: float
+    tokenizer,
+    haystack: Haystack,
+    settings: NeedleSettings,
+    length: int,
+    rng: random.Random,
+    depth: float,
+    format_name: str | None = None,
+    wording: int | None = None,
 ):
-    keys = []
-    while len(keys) < settings.needles_per_document:
-        key = f"{rng.choice(haystack.words)}-{rng.choice(haystack.words)}"
-        if key not in keys:
-            keys.append(key)
-    values = [str(rng.randint(10 ** (settings.digits - 1), 10**settings.digits - 1)) for _ in keys]
-    depths = [depth] + [rng.random() for _ in keys[1:]]
-    asked = 0
+    """One document of exactly `length` tokens: (ids, answer positions, meta). Without `format_name`
+    and `wording` they are drawn from `rng` (training data), or fixed where there is only one choice."""
+    if format_name is None:
+        format_name = settings.formats[0] if len(settings.formats) == 1 else rng.choice(settings.formats)
+    if format_name not in NEEDLE_FORMATS:
+        raise RopeSearchError(f"unknown needle format {format_name!r}; known: {', '.join(NEEDLE_FORMATS)}")
+    if wording is None:
+        choices = settings.wording_indices(format_name)
+        wording = choices[0] if len(choices) == 1 else rng.choice(choices)
+    inputs = FormatInputs(haystack.words, settings.needles_per_document, settings.digits)
+    needle = NEEDLE_FORMATS[format_name](rng, settings.wording(format_name, wording), inputs)
+    depths = [rng.random() for _ in needle.needles[1:]]
+    depths.insert(needle.asked, depth)  # the asked needle sits at the document's depth
 
     prefix = special_prefix(tokenizer)
-    needles = encode(tokenizer, [" " + settings.needle_template.format(key=k, value=v) for k, v in zip(keys, values)])
-    question = "\n" + settings.question_template.format(key=keys[asked], value=values[asked]).rstrip()
-    tail, answer_in_tail = encode_with_answer(tokenizer, question, values[asked])
+    needles = encode(tokenizer, [" " + text for text in needle.needles])
+    tail, answer_in_tail = encode_with_answer(tokenizer, "\n" + needle.question, needle.answer)
     budget = length - len(prefix) - len(tail) - sum(map(len, needles))
     if budget < 1:
         raise RopeSearchError(
@@ -264,7 +232,8 @@ def build_document(
     ids = prefix + [t for piece in pieces for t in piece] + tail
     answer_positions = [len(ids) - len(tail) + i for i in answer_in_tail]
     assert len(ids) == length, (len(ids), length)
-    meta = {"keys": keys, "values": values, "asked": asked, "depths": depths}
+    meta = {"keys": needle.keys, "values": needle.values, "asked": needle.asked, "depths": depths,
+            "format": format_name, "wording": wording}  # fmt: skip
     return ids, answer_positions, meta
 
 
@@ -289,10 +258,9 @@ def build_needle_set(tokenizer, settings: NeedleSettings, length: int, cache: bo
             path.unlink(missing_ok=True)
     rng = random.Random(f"needles:{settings.seed}:{length}")
     rows, answers, metas = [], [], []
-    for j in range(settings.documents):
-        ids, answer, meta = build_document(
-            tokenizer, haystack, settings, length, rng, settings.depths[j % len(settings.depths)]
-        )
+    for j, (format_name, wording) in enumerate(document_plan(settings, settings.documents)):
+        depth = settings.depths[j % len(settings.depths)]
+        ids, answer, meta = build_document(tokenizer, haystack, settings, length, rng, depth, format_name, wording)
         rows.append(ids)
         answers.append(torch.tensor(answer, dtype=torch.long))
         metas.append(meta)
