@@ -172,9 +172,15 @@ def ntk_aware(geometry: RopeGeometry, target_window: int) -> RopeCandidate:
 
 
 @register_baseline("dynamic_ntk")
-def dynamic_ntk(geometry: RopeGeometry, target_window: int, length: int | None = None, factor: float = 1.0):
-    """NTK-aware for the length actually seen (transformers' "dynamic"): s = factor*len/L - (factor-1)."""
+def dynamic_ntk(
+    geometry: RopeGeometry, target_window: int, length: int | None = None, factor: float | None = None
+) -> RopeCandidate:
+    """What transformers' {"rope_type": "dynamic", "factor": s} computes for a sequence of `length`
+    tokens (default: the target): NTK-aware with s' = s*len/L - (s-1), len = max(length, L). `factor`
+    defaults to the target's s = L'/L, the config one would ship for that target; with factor 1 at the
+    target it would be plain NTK (s' = s), and every report showed the two as one."""
     length = max(length or target_window, geometry.original_window)
+    factor = _scale(geometry, target_window) if factor is None else factor
     s = factor * length / geometry.original_window - (factor - 1)
     d = geometry.rotary_dim
     return make_candidate(
