@@ -34,8 +34,19 @@ class BudgetSettings(BaseModel):
     minutes: float | None = Field(default=None, gt=0)
 
 
-def _holdout_default() -> NeedleSettings:
-    return NeedleSettings(haystack=["docstrings"], seed=1000, documents=32, depths=[0.05 + 0.1 * i for i in range(10)])
+def _holdout_default(data: dict) -> NeedleSettings:
+    """Without a `holdout` section: needle formats and a built-in haystack the search documents never
+    used (all the other formats, every wording), other seed and depths, so the report says whether the
+    factors generalise beyond what they were searched on. A model that knows only some formats (the
+    bundled one knows magic numbers) names its held-out set instead, as configs/default.yaml does.
+    `data`: the fields validated so far (pydantic passes them; `needles` comes before `holdout`)."""
+    from fitness.needles import BUILTIN_HAYSTACKS, NEEDLE_FORMATS
+
+    searched = data.get("needles") or NeedleSettings()
+    formats = [name for name in NEEDLE_FORMATS if name not in searched.formats] or list(searched.formats)
+    unused = [name for name in BUILTIN_HAYSTACKS if name not in searched.haystack]  # the last: IDLE's text
+    return NeedleSettings(haystack=unused[-1:] or ["docstrings"], formats=formats, wordings="all", seed=1000,
+                          documents=32, depths=[0.05 + 0.1 * i for i in range(10)])  # fmt: skip
 
 
 class SearchConfig(BaseModel):
