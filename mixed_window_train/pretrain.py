@@ -15,12 +15,18 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fitness.config_io import read_yaml, validate
+from fitness.errors import RopeSearchError
 from fitness.factors import baseline
 from fitness.geometry import geometry_from_config
 from fitness.models import save_hf_model
 from fitness.needles import Haystack, NeedleSettings, build_document, build_needle_set, haystack_texts
 from fitness.scoring import score_candidates
 from mixed_window_train.trainer import Batch, TrainSettings, train
+from search.config import check_finite, check_haystacks, check_limits
+
+MAX_WINDOW = 65_536
+MAX_PARAMETERS = 2_000_000_000  # a model trained from scratch here; beyond this it would not finish
 
 TEMPLATES = [  # (needle, question); the first is the fitness default
     (NeedleSettings().needle_template, NeedleSettings().question_template),
@@ -76,6 +82,41 @@ class PretrainConfig(BaseModel):
     data: PretrainData = Field(default_factory=PretrainData)
     train: TrainSettings
     stop: PretrainStop = Field(default_factory=PretrainStop)
+
+
+def parameter_count(arch: ArchitectureSettings) -> int:
+    """Roughly: embeddings, attention and MLP weights."""
+    attention = 2 * arch.hidden_size * arch.heads * arch.head_dim * 2
+    mlp = 3 * arch.hidden_size * arch.intermediate_size
+    return arch.vocab_size * arch.hidden_size + arch.layers * (attention + mlp)
+
+
+def prepare(config_path: Path, seed: int | None = None, out: str | None = None,
+            work_dir: str | None = None) -> tuple[PretrainConfig, Path]:  # fmt: skip
+    """The recipe, the command line's overrides and the output paths, validated before anything is
+    written. Returns the config and the work folder."""
+    source = str(config_path)
+    data = read_yaml(config_path)
+    check_finite(data, source)
+    config = validate(data, PretrainConfig, source)
+    if seed is not None:
+        config.train.seed = seed
+    if out is not None:
+        config.out = out
+    check_limits(config.model_dump(), f"{source} with the command line's options")
+    if config.window > MAX_WINDOW:
+        raise RopeSearchError(f"{source}: window: {config.window} is beyond {MAX_WINDOW} tokens")
+    if parameter_count(config.architecture) > MAX_PARAMETERS:
+        raise RopeSearchError(f"{source}: architecture: about {parameter_count(config.architecture):.3g} parameters, "
+                              f"more than {MAX_PARAMETERS:.0e} that training from scratch here can finish")  # fmt: skip
+    if not config.out.strip():
+        raise RopeSearchError(f"{source}: out: empty; name the folder the finished model goes to")
+    check_haystacks(config.data.haystack, source, "data.haystack")
+    work = Path(work_dir or f"{config.out}.work")
+    for label, path in (("out", Path(config.out)), ("--work-dir", work)):
+        if path.exists() and not path.is_dir():
+            raise RopeSearchError(f"{source}: {label} {path}: is a file, not a folder")
+    return config, work
 
 
 def train_tokenizer(config: PretrainConfig, out: Path):

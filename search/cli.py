@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from fitness.config_io import read_yaml
 from fitness.errors import RopeSearchError
 
 EPILOG = "Configs are YAML; see configs/ for commented examples. Docs: README.md."
@@ -35,6 +36,7 @@ def _search(args) -> int:
         overrides["workers.backend"] = "local"
     config = runs.prepare(Path(args.config), overrides)
     run_dir = runs.create(config, Path(args.runs_dir))
+    args.run_dir = str(run_dir)  # from here on, a fault's message says how to resume this run
     print(f"run folder: {run_dir}", file=sys.stderr)
     return _run(run_dir, args.stop_after)
 
@@ -56,7 +58,6 @@ def _run(run_dir: Path, stop_after: int | None) -> int:
 def _resume(args) -> int:
     from search import runs
 
-    runs.load(Path(args.run_dir))
     return _run(Path(args.run_dir), args.stop_after)
 
 
@@ -68,9 +69,13 @@ def _status(args) -> int:
 
 
 def _eval(args) -> int:
+    from search.config import check_finite, check_limits, check_model
     from search.evaluate import format_table, prepare, run_eval
 
+    check_finite(read_yaml(args.config), args.config)
     config, candidates = prepare(Path(args.config))
+    check_limits(config.model_dump(), args.config)
+    check_model(config.model, args.config)
     out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     payload = run_eval(config, candidates, out)
     print(format_table(payload["results"]))
@@ -79,15 +84,9 @@ def _eval(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from fitness.config_io import load_yaml
-    from mixed_window_train.pretrain import PretrainConfig, pretrain
+    from mixed_window_train.pretrain import pretrain, prepare
 
-    config = load_yaml(args.config, PretrainConfig)
-    if args.seed is not None:
-        config.train.seed = args.seed
-    if args.out is not None:
-        config.out = args.out
-    work = Path(args.work_dir or f"{config.out}.work")
+    config, work = prepare(Path(args.config), seed=args.seed, out=args.out, work_dir=args.work_dir)
     result = pretrain(config, work)
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -102,6 +101,9 @@ def _export(args) -> int:
         raise RopeSearchError("--model is needed: the factors do not name the model they were searched on")
     default_out = {"hf": "exported-hf", "gguf": "exported.gguf", "json": "factors.json", "yaml": "factors.yaml"}
     out = Path(args.out or default_out[args.to])
+    if out.exists() or not out.parent.is_dir():
+        why = "exists; choose another or remove it" if out.exists() else f"its folder {out.parent} does not exist"
+        raise RopeSearchError(f"--out {out}: {why}")
     kwargs = (
         {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
     )
@@ -203,15 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fault_message(err: BaseException) -> str | None:
-    """One line for faults a user can act on (storage locked, disk full, storage unreachable); None otherwise."""
+def fault_message(err: BaseException, run_dir: str | None = None) -> str | None:
+    """One line for faults a user can act on (storage locked, disk full, storage unreachable); None otherwise.
+    `run_dir`: the run folder it happened to, if one exists, for how to resume it."""
     chain, cause = [], err
     while cause is not None and len(chain) < 10:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     text = " | ".join(f"{type(c).__name__}: {c}" for c in chain).lower()
     errnos = {getattr(c, "errno", None) for c in chain}
-    after = "; nothing finished is lost: `ropesearch resume RUN_DIR` continues"
+    after = f"; nothing finished is lost: `ropesearch resume {run_dir}` continues" if run_dir else ""
     if "database is locked" in text:
         return "the study database is locked by another process (it waited $ROPESEARCH_SQLITE_TIMEOUT s)" + after
     if "disk is full" in text or "no space left" in text or "disk i/o error" in text or errnos & {28, 27}:
@@ -248,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ropesearch: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Exception as err:  # a fault of the environment (storage, disk): one line, and how to go on
-        message = fault_message(err)
+        from search.storage import EnvironmentFault
+
+        message = str(err) if isinstance(err, EnvironmentFault) else fault_message(err, getattr(args, "run_dir", None))
         if message is None:
             raise
         print(f"ropesearch: failed: {message}", file=sys.stderr)

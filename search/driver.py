@@ -63,20 +63,18 @@ def make_sampler(config: SearchConfig, space: RopeSpace) -> optuna.samplers.Base
     return optuna.samplers.RandomSampler(seed=settings.seed)
 
 
-def open_context(run_dir: Path, config: SearchConfig) -> SearchContext:
+def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchContext:
+    """The context of a run whose study exists (`runs.create` makes it with the folder)."""
     geometry = geometry_from_config(load_config(config.model.name))
     target = config.target(geometry.original_window)
     space = RopeSpace(geometry, target, config.space)
     sampler = make_sampler(config, space)
-    storage = open_storage(config.storage, run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=storage,
+    study = optuna.load_study(
+        storage=storage or open_storage(config.storage, run_dir),
         study_name=config.name,
-        direction="minimize",
         sampler=sampler,
         pruner=make_pruner(config.pruning),
-        load_if_exists=True,
     )
     return SearchContext(run_dir, config, geometry, target, space, sampler, study)
 
@@ -363,14 +361,30 @@ def best_value(ctx: SearchContext) -> float:
         return float("nan")
 
 
-def write_best(ctx: SearchContext) -> RopeCandidate | None:
-    found = best_candidate(ctx)
-    if found is None:
+def _kept_best(path: Path) -> RopeCandidate | None:
+    """The candidate already in best_factors.json, if it is readable and has a fitness."""
+    try:
+        kept = RopeCandidate.load(path)
+    except (OSError, ValueError):
         return None
+    fitness = kept.params.get("fitness")
+    return kept if isinstance(fitness, (int, float)) and fitness == fitness else None
+
+
+def write_best(ctx: SearchContext) -> RopeCandidate | None:
+    """best_factors.json: replaced only by a better candidate (lower needle PPL), never by a worse one,
+    even if the study it came from was lost and searched again. Returns the candidate it holds."""
+    path = ctx.run_dir / "best_factors.json"
+    found = best_candidate(ctx)
+    kept = _kept_best(path)
+    if found is None:
+        return kept
     candidate, _ = found
+    if kept is not None and kept.params["fitness"] <= candidate.params["fitness"]:
+        return kept
     tmp = ctx.run_dir / "best_factors.json.tmp"
     candidate.save(tmp)
-    os.replace(tmp, ctx.run_dir / "best_factors.json")
+    os.replace(tmp, path)
     return candidate
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from search.evolution import ERROR, INTERRUPTED
@@ -55,7 +56,10 @@ def fail_interrupted(study, driver_id: str) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         driver = trial.system_attrs.get(DRIVER, "?:0:0")
         if driver != driver_id and not _alive(driver, heartbeats):
-            study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            try:
+                study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another driver starting at the same moment failed it first
+                continue
             count += 1
     return count

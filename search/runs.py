@@ -2,9 +2,12 @@
 held-out report.
 
     runs/<name>-<timestamp>/
-        config.yaml         the validated config, every default written out
+        config.yaml         the validated config, every default written out (also kept in the study:
+                            a resume refuses a config edited since, but for where and how fast it runs)
         study.db            the Optuna study (unless `storage` points elsewhere)
-        best_factors.json   the best candidate so far, rewritten atomically every 10 s and at the end
+        driver.lock         held by the driver running this folder: a second resume is refused
+        best_factors.json   the best candidate so far, rewritten atomically every 10 s and at the end,
+                            and only ever by a better one
         baselines.json      baselines on the search documents
         report.json         held-out needle PPL: baselines, searched, the model's own in-window PPL
                             (and, under pruning, the scorings it saved)
@@ -14,30 +17,40 @@ held-out report.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import optuna
 import yaml
 
-from fitness.config_io import load_yaml, validate
+from fitness.config_io import read_yaml, validate
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config, load_model, machine_name
-from fitness.needles import haystack_texts
 from search import driver, report
-from search.config import SearchConfig
+from search.config import (MAX_TARGET_WINDOW, SearchConfig, check_finite, check_haystacks, check_limits,
+                           check_model, naming, unresumable_changes)  # fmt: skip
 from search.pruning import saved_scorings
 from search.space import RopeSpace
-from search.storage import open_storage
+from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
+from search.workers import check_ray_address
+
+CONFIG_ATTR = "ropesearch:config"  # the study's copy of the config it was created with
 
 
 def prepare(config_path: Path, overrides: dict | None = None) -> SearchConfig:
-    """Validate the config and everything it points at, before any file is written."""
-    config = load_yaml(config_path, SearchConfig)
+    """Validate the config and everything it points at, before any file is written. `overrides`:
+    dotted keys set from the command line."""
+    source = str(config_path)
+    data = read_yaml(config_path)
+    check_finite(data, source)
+    config = validate(data, SearchConfig, source)
     if overrides:
         data = config.model_dump()
         for dotted, value in overrides.items():
@@ -46,16 +59,45 @@ def prepare(config_path: Path, overrides: dict | None = None) -> SearchConfig:
             for key in parents:
                 node = node[key]
             node[leaf] = value
-        config = validate(data, SearchConfig, str(config_path))
-    geometry = geometry_from_config(load_config(config.model.name))
-    RopeSpace(geometry, config.target(geometry.original_window), config.space)
-    for needles in (config.needles, config.holdout):
-        haystack_texts(needles.haystack)
+        source = f"{config_path} with the command line's options"
+        config = validate(data, SearchConfig, source)
+    check_search(config, source)
     return config
 
 
+def check_search(config: SearchConfig, source: str) -> None:
+    """Everything a search config points at: sizes, model, target, space, haystacks, storage, cluster."""
+    check_limits(config.model_dump(), source)
+    check_model(config.model, source)
+    with naming(source, "model.name"):
+        geometry = geometry_from_config(load_config(config.model.name))
+    target = config.target(geometry.original_window)
+    if target > MAX_TARGET_WINDOW:
+        key = "scale" if config.scale is not None else "target_window"
+        raise RopeSearchError(f"{source}: {key}: a target of {target} tokens is beyond {MAX_TARGET_WINDOW}")
+    with naming(source, "space"):
+        RopeSpace(geometry, target, config.space)
+    check_haystacks(config.needles.haystack, source, "needles.haystack")
+    check_haystacks(config.holdout.haystack, source, "holdout.haystack")
+    check_reachable(config.storage, source)
+    if config.workers.backend == "ray":
+        with naming(source, "workers.address"):
+            check_ray_address(config.workers.address)
+
+
+def _runs_dir(runs_dir: Path) -> Path:
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise RopeSearchError(f"--runs-dir {runs_dir}: is a file, not a folder")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RopeSearchError(f"--runs-dir {runs_dir}: cannot create it ({err.strerror})") from None
+    return runs_dir
+
+
 def create(config: SearchConfig, runs_dir: Path) -> Path:
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    """A new run folder with its config and its (new or shared) study; on any failure, nothing is left."""
+    runs_dir = _runs_dir(Path(runs_dir))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = runs_dir / f"{config.name}-{stamp}"
     suffix = 1
@@ -64,21 +106,76 @@ def create(config: SearchConfig, runs_dir: Path) -> Path:
         run_dir = runs_dir / f"{config.name}-{stamp}-{suffix}"
     tmp = runs_dir / f".{run_dir.name}.tmp"
     tmp.mkdir()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     try:
-        open_storage(config.storage, tmp)  # the study database (or the connection to it) exists before the folder
-    except RopeSearchError:
-        shutil.rmtree(tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(storage=open_storage(config.storage, tmp), study_name=config.name,
+                                    direction="minimize", load_if_exists=True)  # fmt: skip
+        saved = study._storage.get_study_system_attrs(study._study_id).get(CONFIG_ATTR)
+        if saved is None:
+            study._storage.set_study_system_attr(study._study_id, CONFIG_ATTR, config.model_dump(mode="json"))
+        else:  # another driver's study, shared through `storage`: it must be searching the same thing
+            _same_search(saved, config, f"storage {config.storage} (study {config.name!r})")
+        os.replace(tmp, run_dir)  # the folder appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.replace(tmp, run_dir)  # the folder appears whole or not at all
     return run_dir
+
+
+def _same_search(saved: dict, config: SearchConfig, where: str) -> None:
+    """Refuse a config whose search differs from its study's (only RESUMABLE_CHANGES may differ)."""
+    changed = unresumable_changes(saved, config.model_dump(mode="json"))
+    if changed:
+        raise RopeSearchError(f"{where}: {', '.join(changed[:8])} differ from the config the study was created "
+                              f"with; put them back (workers, model.threads and budget.minutes may change), or "
+                              f"start a new study under another name")  # fmt: skip
 
 
 def load(run_dir: Path) -> SearchConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RopeSearchError(f"{run_dir}: not a run folder (no config.yaml)")
-    return load_yaml(run_dir / "config.yaml", SearchConfig)
+    source = str(run_dir / "config.yaml")
+    data = read_yaml(run_dir / "config.yaml")
+    check_finite(data, source)
+    config = validate(data, SearchConfig, source)
+    check_limits(config.model_dump(), source)
+    return config
+
+
+def open_run(run_dir: Path, config: SearchConfig, read_only: bool = False) -> driver.SearchContext:
+    """The run's study, which must exist and have been created with this config (but for the keys a
+    resume may change); `read_only` writes nothing (status)."""
+    run_dir = Path(run_dir)
+    if config.storage is None:
+        check_study_file(run_dir)
+    storage = open_storage(config.storage, run_dir, read_only=read_only)
+    try:
+        study_id = storage.get_study_id_from_name(config.name)
+    except KeyError:
+        where = run_dir / STUDY_DB if config.storage is None else config.storage
+        raise EnvironmentFault(f"{where} holds no study {config.name!r}: this run's evaluations are gone; `ropesearch "
+                               f"search {run_dir / 'config.yaml'}` starts over in a new run folder") from None
+    saved = storage.get_study_system_attrs(study_id).get(CONFIG_ATTR)
+    if saved is not None:
+        _same_search(saved, config, f"{run_dir / 'config.yaml'} (edited since the run began)")
+    return driver.open_context(run_dir, config, storage)
+
+
+@contextmanager
+def driver_lock(run_dir: Path):
+    """One driver per run folder: two resumes of it at once would fight over the same trials."""
+    fd = os.open(Path(run_dir) / "driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EnvironmentFault(f"{run_dir} is being resumed elsewhere (another driver holds it); wait for "
+                                   f"it to finish or stop it, then `ropesearch resume {run_dir}`") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; a killed driver's lock goes with its process
 
 
 def holdout_report(ctx: driver.SearchContext, candidate) -> dict:
@@ -125,8 +222,14 @@ def finish(ctx: driver.SearchContext) -> dict | None:
 
 def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> dict:
     config = load(run_dir)
-    ctx = driver.open_context(Path(run_dir), config)
-    summary = driver.search(ctx, stop_after=stop_after, quiet=quiet)
+    with driver_lock(run_dir):
+        ctx = open_run(Path(run_dir), config)
+        summary = driver.search(ctx, stop_after=stop_after, quiet=quiet)
+        return _finish_run(ctx, summary, stop_after)
+
+
+def _finish_run(ctx: driver.SearchContext, summary: dict, stop_after: int | None) -> dict:
+    config = ctx.config
     if config.pruning.name != "none":
         summary["pruning"] = saved_scorings(ctx.study, config.pruning, config.needles.documents)
     if stop_after is None or driver.completed(ctx) >= (driver.total_budget(ctx) or 0):
@@ -138,7 +241,7 @@ def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> di
 
 def status(run_dir: Path) -> str:
     config = load(run_dir)
-    ctx = driver.open_context(Path(run_dir), config)
+    ctx = open_run(Path(run_dir), config, read_only=True)
     state = ctx.sampler.state(ctx.study) if ctx.evolutionary else None
     text = report.format_status(ctx.study, ctx.study.user_attrs.get("baselines", {}), driver.total_budget(ctx), state)
     if config.pruning.name != "none":

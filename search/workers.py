@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -18,12 +19,31 @@ from typing import Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
 
 log = logging.getLogger("ropesearch")
+RAY_CONNECT_TIMEOUT_S = 5.0  # Ray itself retries a dead address for about a minute, silently
+
+
+def check_ray_address(address: str | None) -> None:
+    """A cluster named by address (or $RAY_ADDRESS) must answer within seconds."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RopeSearchError(f"workers.address {address!r}: give host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        from search.storage import EnvironmentFault
+
+        raise EnvironmentFault(f"no Ray cluster answers at {address} ({err.strerror or type(err).__name__}); start "
+                               "it (`ray start --head`) or leave out --address for a local one") from None
 
 
 class WorkerSettings(BaseModel):
@@ -107,7 +127,13 @@ class RayPool:
             address = settings.address or os.environ.get("RAY_ADDRESS")
             kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if address:
-                ray.init(address=address, **kwargs)
+                check_ray_address(address)
+                try:
+                    ray.init(address=address, **kwargs)
+                except ConnectionError as err:  # "auto" with no cluster running here
+                    from search.storage import EnvironmentFault
+
+                    raise EnvironmentFault(f"Ray address {address}: {_first_line(err)}") from None
             else:  # "local": a new cluster of our own, never whatever `ray start` left running here
                 cpus = max(os.cpu_count() or 1, int(settings.count * settings.cpus_per_worker + 0.999))
                 ray.init(address="local", num_cpus=cpus, **kwargs)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,30 @@ BAD_CONFIGS = [
     ("bad dtype", _set("model.dtype", "float8"), "model.dtype"),
     ("unknown pruner", _set("pruning.name", "hyperband"), "pruning.name"),
     ("first stage not a subset", _set("pruning", {"name": "earlier_trials", "documents": 32}), "pruning.documents"),
+    ("scale infinite", _set("scale", float("inf")), "scale: must be a finite number"),
+    ("scale NaN", _set("scale", float("nan")), "scale: must be a finite number"),
+    ("upper infinite", _set("space.upper", float("inf")), "space.upper: must be a finite number"),
+    ("depth NaN", _set("needles.depths", [0.5, float("nan")]), "needles.depths[1]"),
+    ("minutes infinite", _set("budget.minutes", float("inf")), "budget.minutes"),
+    ("scale huge", _set("scale", 1e6), "scale"),
+    ("target window huge", lambda d: d.pop("scale") and d.update(target_window=10**9), "target_window"),
+    ("documents huge", _set("needles.documents", 1_000_000_000), "needles.documents"),
+    ("holdout documents huge", _set("holdout.documents", 1_000_000_000), "holdout.documents"),
+    ("population huge", _set("sampler.evolution.population", 10**9), "sampler.evolution.population"),
+    ("generations huge", _set("sampler.evolution.generations", 10**12), "sampler.evolution.generations"),
+    ("workers huge", _set("workers.count", 10**6), "workers.count"),
+    ("name 300 characters", _set("name", "x" * 300), "name"),
+    ("seed negative", _set("sampler.seed", -1), "sampler.seed"),
+    ("seed beyond 2^32", _set("sampler.seed", 99999999999999999999), "sampler.seed"),
+    ("storage empty", _set("storage", ""), "storage"),
+    ("journal in a missing folder", _set("storage", "/nonexistent/dir/x.journal.log"), "no such folder"),
+    ("sqlite in a missing folder", _set("storage", "sqlite:////nonexistent/dir/x.db"), "no such folder"),
+    ("threads 0", _set("model.threads", 0), "model.threads"),
+    ("model name empty", _set("model.name", ""), "model.name: empty"),
+    ("haystack empty list", _set("needles.haystack", []), "needles.haystack: empty"),
+    ("holdout haystack empty list", _set("holdout.haystack", []), "holdout.haystack: empty"),
+    ("malformed ray address", _set("workers.address", "nowhere"), "workers.address"),
+    ("scale a string", _set("scale", "big"), "scale"),
 ]
 
 
@@ -100,6 +125,167 @@ def test_bad_paths(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def model_copy(tmp_path, drop=(), cut=None):
+    """The bundled model's files in a folder of its own, some left out or the weights truncated."""
+    from fitness.models import TINY_MODEL_DIR
+
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    for path in TINY_MODEL_DIR.iterdir():
+        if path.is_file() and path.name not in drop:
+            data = path.read_bytes()
+            (folder / path.name).write_bytes(data[:cut] if cut and path.suffix == ".safetensors" else data)
+    return str(folder)
+
+
+BAD_MODELS = [
+    ("model without tokenizer", lambda p: model_copy(p, drop=("tokenizer.json", "tokenizer_config.json")), "tokenizer"),
+    ("model without weights", lambda p: model_copy(p, drop=("model.safetensors",)), "no weights"),
+    ("model with truncated weights", lambda p: model_copy(p, cut=1_000_000), "truncated"),
+    ("model a text file", lambda p: str(write(p, "model.txt", "hello")), "model.name"),
+]
+
+
+@pytest.mark.parametrize("label, make, message", BAD_MODELS, ids=[b[0] for b in BAD_MODELS])
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_bad_model_folders(tmp_path, capsys, command, label, make, message):
+    """A model folder that cannot load is refused before any folder is made, naming the file and key."""
+    model = make(tmp_path)
+    if command == "search":
+        path, out = config_with(tmp_path, _set("model.name", model)), ["--runs-dir", str(tmp_path / "runs")]
+    else:
+        path, out = train_config(tmp_path, _set("model.name", model)), ["--out", str(tmp_path / "runs" / "o")]
+    code = main([command, str(path), *out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and str(path) in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+TRAIN = yaml.safe_load((REPO / "configs" / "train-tiny.yaml").read_text())
+
+
+def train_config(tmp_path, change, name="train.yaml"):
+    data = json.loads(json.dumps(TRAIN))
+    data["factors"] = str(REPO / data["factors"])
+    change(data)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# fmt: off
+BAD_TRAIN = [
+    ("factors not JSON", lambda p: _set("factors", str(write(p, "f.json", "[1, 2"))), "f.json"),
+    ("factors of another base", lambda p: _set("factors", str(factor_file(p, _geometry("base", 5e5)))), "base"),
+    ("factors of another window", lambda p: _set("factors", str(factor_file(p, _geometry("original_window", 512)))),
+     "original_window"),
+    ("factors NaN", lambda p: _set("factors", str(factor_file(p, lambda d: d["long_factors"].__setitem__(2, "nan")))),
+     "long_factors"),
+    ("factors a folder without them", lambda p: _set("factors", str(p)), "no such factor file"),
+    ("missing model", lambda p: _set("model.name", "/nowhere/model"), "model.name"),
+    ("threads 0", lambda p: _set("model.threads", 0), "model.threads"),
+    ("lr NaN", lambda p: _set("train.lr", float("nan")), "train.lr"),
+    ("lr infinite", lambda p: _set("train.lr", float("inf")), "train.lr"),
+    ("steps negative", lambda p: _set("train.steps", -1), "train.steps"),
+    ("steps huge", lambda p: _set("train.steps", 10**12), "train.steps"),
+    ("batch huge", lambda p: _set("train.batch_size", 10**9), "train.batch_size"),
+    ("seed negative", lambda p: _set("train.seed", -1), "train.seed"),
+    ("name 300 characters", lambda p: _set("name", "x" * 300), "name"),
+    ("haystack empty list", lambda p: _set("data.haystack", []), "data.haystack: empty"),
+    ("evaluation documents huge", lambda p: _set("evaluation.needles.documents", 10**9),
+     "evaluation.needles.documents"),
+    ("steps a string", lambda p: _set("train.steps", "many"), "train.steps"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("label, change, message", BAD_TRAIN, ids=[b[0] for b in BAD_TRAIN])
+def test_bad_train_config(tmp_path, capsys, label, change, message):
+    path = train_config(tmp_path, change(tmp_path))
+    code = main(["train", str(path), "--out", str(tmp_path / "runs" / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def _good_train(p):
+    return str(train_config(p, lambda d: None))
+
+
+def _good_search(p):
+    return str(config_with(p, lambda d: None))
+
+
+def _pretrain_recipe(p, change=lambda d: None):
+    data = {"train": {"steps": 10}, "data": {"haystack": ["docstrings"]}, "out": str(p / "pre" / "model")}
+    change(data)
+    path = p / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# fmt: off
+BAD_COMMAND_LINES = [
+    # (label, argv from tmp_path, exit code, message); nothing may be left under tmp_path/runs or /pre
+    ("search --seed -1", lambda p: ["search", _good_search(p), "--seed", "-1"], 2, "sampler.seed"),
+    ("search --seed huge", lambda p: ["search", _good_search(p), "--seed", "99999999999999999999"], 2, "sampler.seed"),
+    ("search --workers 0", lambda p: ["search", _good_search(p), "--workers", "0"], 2, "workers.count"),
+    ("search --storage empty", lambda p: ["search", _good_search(p), "--storage", ""], 2, "storage"),
+    ("search --storage missing folder", lambda p: ["search", _good_search(p), "--storage",
+                                                   "sqlite:////nonexistent/dir/x.db"], 2, "no such folder"),
+    ("search --storage journal missing folder", lambda p: ["search", _good_search(p), "--storage",
+                                                           str(p / "none" / "x.journal.log")], 2, "no such folder"),
+    ("search --runs-dir a file", lambda p: ["search", _good_search(p), "--runs-dir", str(write(p, "runs", "x"))], 2,
+     "--runs-dir"),
+    ("search --address nobody", lambda p: ["search", _good_search(p), "--address", "127.0.0.1:1"], 1,
+     "no Ray cluster answers"),
+    ("search --address malformed", lambda p: ["search", _good_search(p), "--address", "127.0.0.1"], 2,
+     "workers.address"),
+    ("train --out a file", lambda p: ["train", _good_train(p), "--out", str(write(p, "runs", "x"))], 2, "a file"),
+    ("train --out inside a file", lambda p: ["train", _good_train(p), "--out", str(write(p, "runs", "x") / "o")], 2,
+     "a file"),
+    ("export --out an existing file", lambda p: ["export", str(factor_file(p)), "--to", "json", "--out",
+                                                 str(write(p, "taken.json", "{}"))], 2, "exists"),
+    ("export --out in a missing folder", lambda p: ["export", str(factor_file(p)), "--to", "json", "--out",
+                                                    str(p / "runs" / "x.json")], 2, "does not exist"),
+    ("eval multiples NaN", lambda p: ["eval", str(write(p, "e.yaml", "multiples: [.nan]")), "--out",
+                                      str(p / "runs")], 2, "multiples[0]"),
+    ("eval multiples huge", lambda p: ["eval", str(write(p, "e.yaml", "multiples: [1000000]")), "--out",
+                                       str(p / "runs")], 2, "multiples"),
+    ("eval threads 0", lambda p: ["eval", str(write(p, "e.yaml", "model: {threads: 0}")), "--out", str(p / "runs")],
+     2, "model.threads"),
+    ("pretrain --seed -1", lambda p: ["pretrain", _pretrain_recipe(p), "--seed", "-1"], 2, "train.seed"),
+    ("pretrain --out a file", lambda p: ["pretrain", _pretrain_recipe(p), "--out", str(write(p, "runs", "x"))], 2,
+     "a file"),
+    ("pretrain --work-dir a file", lambda p: ["pretrain", _pretrain_recipe(p), "--work-dir",
+                                              str(write(p, "runs", "x"))], 2, "--work-dir"),
+    ("pretrain window huge", lambda p: ["pretrain", _pretrain_recipe(p, _set("window", 10**9))], 2, "window"),
+    ("pretrain architecture huge", lambda p: ["pretrain", _pretrain_recipe(p, _set("architecture.layers", 10**6))], 2,
+     "architecture"),
+    ("pretrain lr infinite", lambda p: ["pretrain", _pretrain_recipe(p, _set("train.lr", float("inf")))], 2,
+     "train.lr"),
+    ("pretrain haystack missing", lambda p: ["pretrain", _pretrain_recipe(p, _set("data.haystack", ["/nowhere"]))], 2,
+     "data.haystack"),
+    ("pretrain haystack empty", lambda p: ["pretrain", _pretrain_recipe(p, _set("data.haystack", []))], 2,
+     "data.haystack: empty"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("label, argv, code, message", BAD_COMMAND_LINES, ids=[b[0] for b in BAD_COMMAND_LINES])
+def test_bad_command_lines(tmp_path, capsys, label, argv, code, message):
+    """Bad options exit 2 (an unreachable cluster: 1) in one line, within seconds, and leave nothing behind."""
+    args = argv(tmp_path)
+    started = time.time()
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err and "RUN_DIR" not in err, err
+    assert time.time() - started < 30
+    runs = tmp_path / "runs"
+    assert not runs.is_dir() or not any(runs.iterdir())
+    assert not (tmp_path / "pre").exists()
 
 
 def test_not_yaml(tmp_path, capsys):
