@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry
-from fitness.needles import NeedleSettings, build_needle_set
-from fitness.scoring import score_candidates
+from fitness.needles import NeedleSet, NeedleSettings, build_needle_set
+from fitness.scoring import Score, fitness_of, score_candidates
 
 # A method is a function of the evaluation length: baselines are rebuilt for each length (YaRN at 2x
 # uses s = 2), a searched factor file is the same vector at every length.
@@ -25,6 +25,16 @@ def fixed_method(candidate: RopeCandidate) -> Method:
     return lambda length: candidate
 
 
+def per_format(needles: NeedleSet, score: Score) -> dict[str, dict]:
+    """{format: {"needle_ppl", "retrieval", "documents"}}: the same per-document scores, grouped by the
+    needle format each document was built with."""
+    rows = {}
+    for name, docs in needles.formats().items():
+        part = fitness_of([score.document_nll[j] for j in docs], [score.document_exact[j] for j in docs])
+        rows[name] = {"needle_ppl": part.fitness, "retrieval": part.retrieval, "documents": len(docs)}
+    return rows
+
+
 def evaluate_methods(
     model,
     tokenizer,
@@ -35,7 +45,8 @@ def evaluate_methods(
     candidates_per_forward: int = 8,
     show_progress: bool = True,
 ) -> dict[str, dict[int, dict]]:
-    """{method: {length: {"needle_ppl", "retrieval"}}} on the same documents for every method."""
+    """{method: {length: {"needle_ppl", "retrieval", "formats": {format: {"needle_ppl", "retrieval",
+    "documents"}}}}} on the same documents for every method; the overall numbers are over all documents."""
     results: dict[str, dict[int, dict]] = {name: {} for name in methods}
     total = len(lengths) * len(methods) * settings.documents
     with tqdm(total=total, desc="eval", unit="doc", disable=not show_progress, dynamic_ncols=True) as bar:
@@ -49,5 +60,9 @@ def evaluate_methods(
                     model, needles, candidates, documents_per_forward, on_forward=lambda rows: bar.update(rows)
                 )
                 for name, score in zip(chunk, scores):
-                    results[name][length] = {"needle_ppl": score.fitness, "retrieval": score.retrieval}
+                    results[name][length] = {
+                        "needle_ppl": score.fitness,
+                        "retrieval": score.retrieval,
+                        "formats": per_format(needles, score),
+                    }
     return results

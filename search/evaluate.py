@@ -14,7 +14,7 @@ from fitness.factors import BASELINES, RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name
 from fitness.needles import NeedleSettings, haystack_texts
-from search.report import plot_lengths
+from search.report import format_table_by_format, plot_lengths
 
 
 class EvalConfig(BaseModel):
@@ -46,6 +46,10 @@ def format_table(results: dict) -> str:
     for name, rows in results.items():
         cells = "".join(f"{rows[n]['needle_ppl']:>9.4g} ({rows[n]['retrieval']:>4.0%})" for n in lengths)
         lines.append(f"{name:<16}{cells}")
+    for n in lengths:  # by needle format, where the documents mix several
+        by_format = format_table_by_format({name: rows[n] for name, rows in results.items() if n in rows})
+        if by_format:
+            lines += [f"needle PPL (retrieval) by format at {n} tokens"] + by_format
     return "\n".join(lines)
 
 

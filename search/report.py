@@ -27,8 +27,39 @@ def _matplotlib():
     return plt
 
 
+def format_names(methods: dict) -> list[str]:
+    """The needle formats a table of methods was broken down by (none for reports older than formats)."""
+    names: list[str] = []
+    for row in methods.values():
+        names += [name for name in row.get("formats", {}) if name not in names]
+    return names
+
+
+def by_format(report: dict) -> dict[str, dict]:
+    """Per needle format: searched against the best baseline on that format, and against YaRN (the bar
+    the issue sets), needle PPL and retrieval."""
+    summary = {}
+    for name in format_names(report["methods"]):
+        rows = {k: v["formats"][name] for k, v in report["methods"].items() if name in v.get("formats", {})}
+        if "searched" not in rows:
+            continue
+        searched = rows.pop("searched")
+        entry = {"documents": searched["documents"], "searched_ppl": searched["needle_ppl"],
+                 "searched_retrieval": searched["retrieval"]}  # fmt: skip
+        if rows:
+            best = min(rows, key=lambda k: rows[k]["needle_ppl"])
+            entry.update(best_baseline=best, best_baseline_ppl=rows[best]["needle_ppl"],
+                         vs_best_baseline=searched["needle_ppl"] / rows[best]["needle_ppl"] - 1)  # fmt: skip
+        if "yarn" in rows:
+            entry.update(yarn_ppl=rows["yarn"]["needle_ppl"], yarn_retrieval=rows["yarn"]["retrieval"],
+                         vs_yarn=searched["needle_ppl"] / rows["yarn"]["needle_ppl"] - 1)  # fmt: skip
+        summary[name] = entry
+    return summary
+
+
 def gap_closed(report: dict) -> dict:
-    """How much of the gap between the best baseline and the model's own in-window PPL the search closed."""
+    """How much of the gap between the best baseline and the model's own in-window PPL the search closed;
+    under "formats", searched against the baselines on each needle format."""
     baselines = {k: v["needle_ppl"] for k, v in report["methods"].items() if k != "searched"}
     best_name = min(baselines, key=baselines.get)
     best, searched, own = baselines[best_name], report["methods"]["searched"]["needle_ppl"], report["in_window"]
@@ -40,13 +71,36 @@ def gap_closed(report: dict) -> dict:
         "in_window_ppl": own,
         "gap_closed": (best - searched) / gap if gap > 0 else float("nan"),
         "vs_best_baseline": searched / best - 1,
+        "formats": by_format(report),
     }
 
 
+def format_table_by_format(methods: dict, indent: str = "  ") -> list[str]:
+    """Rows of methods, a "needle PPL (retrieval)" column per needle format; nothing for one format."""
+    names = format_names(methods)
+    if len(names) < 2:
+        return []
+    width = max(18, *(len(n) + 2 for n in names))
+    lines = [f"{indent}{'per format':<14}" + "".join(f"{n:>{width}}" for n in names)]
+    for method, row in sorted(methods.items(), key=lambda item: item[1]["needle_ppl"]):
+        cells = ""
+        for name in names:
+            cell = row.get("formats", {}).get(name)
+            text = f"{cell['needle_ppl']:.4g} ({cell['retrieval']:.0%})" if cell else "-"
+            cells += f"{text:>{width}}"
+        lines.append(f"{indent}{method:<14}{cells}")
+    counts = {n: next(r["formats"][n]["documents"] for r in methods.values() if n in r.get("formats", {}))
+              for n in names}  # fmt: skip
+    lines.append(f"{indent}{'(documents)':<14}" + "".join(f"{counts[n]:>{width}}" for n in names))
+    return lines
+
+
 def format_report(report: dict) -> str:
+    formats = format_names(report["methods"])
     lines = [
         f"held-out needle set at {report['length']} tokens ({report['documents']} documents, "
-        f"haystack {', '.join(report['haystack'])}, seed {report['seed']}):",
+        f"haystack {', '.join(report['haystack'])}, " + (f"formats {', '.join(formats)}, " if formats else "")
+        + f"seed {report['seed']}):",
         f"  {'method':<14}{'needle PPL':>12}{'retrieval':>11}",
     ]
     for name, row in sorted(report["methods"].items(), key=lambda item: item[1]["needle_ppl"]):
@@ -54,11 +108,17 @@ def format_report(report: dict) -> str:
     lines.append(
         f"  {'(in window)':<14}{report['in_window']:>12.4g}   at {report['original_window']} tokens, no scaling"
     )
+    lines += format_table_by_format(report["methods"])
     summary = gap_closed(report)
     lines.append(
         f"searched vs best baseline ({summary['best_baseline']}): {summary['vs_best_baseline']:+.1%} needle PPL; "
         f"gap to the in-window PPL closed: {summary['gap_closed']:.0%}"
     )
+    if len(summary["formats"]) > 1:
+        lines.append("searched vs YaRN per format: " + ", ".join(
+            f"{name} {row['vs_yarn']:+.1%} (retrieval {row['searched_retrieval']:.0%} vs {row['yarn_retrieval']:.0%})"
+            for name, row in summary["formats"].items() if "vs_yarn" in row
+        ))  # fmt: skip
     return "\n".join(lines)
 
 
