@@ -48,3 +48,24 @@ def test_the_bundled_model_recipe_validates():
 
 def test_there_are_configs_of_every_kind():
     assert {schema(p) for p in SHIPPED} == {SearchConfig, EvalConfig, FinetuneConfig}
+
+
+@pytest.mark.parametrize("name", ["smollm2-16k.yaml", "smollm2-32k.yaml"])
+def test_smollm2_searches_mix_formats_and_hold_out_unseen_ones(name):
+    config = load_yaml(REPO / "configs" / name, SearchConfig)
+    assert len(config.needles.formats) >= 3
+    unseen = set(config.holdout.formats) - set(config.needles.formats)
+    assert len(unseen) >= 2 and unseen == set(config.holdout.formats)
+    assert not set(config.holdout.haystack) & set(config.needles.haystack)
+
+
+def test_the_bundled_default_searches_and_holds_out_magic_numbers_only():
+    config = load_yaml(REPO / "configs" / "default.yaml", SearchConfig)
+    assert config.needles.formats == config.holdout.formats == ["magic_number"]
+    assert config.needles.wordings == config.holdout.wordings == "first"
+
+
+def test_without_a_holdout_section_the_formats_and_haystack_are_ones_the_search_never_used():
+    config = SearchConfig(scale=2, needles={"formats": ["magic_number", "pass_key"], "haystack": ["pydoc"]})
+    assert len(config.holdout.formats) >= 2 and not set(config.holdout.formats) & {"magic_number", "pass_key"}
+    assert config.holdout.haystack and not set(config.holdout.haystack) & {"pydoc"}
