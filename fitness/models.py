@@ -138,12 +138,24 @@ def load_model(settings: ModelSettings | str):
 
 def save_hf_model(model, tokenizer, out: Path) -> Path:
     """Save in a form both transformers 4.x and 5.x read: 5.x writes only `rope_parameters` (4.x
-    ignores it) and names its tokenizer class `TokenizersBackend` (4.x does not know it)."""
+    ignores it) and names its tokenizer class `TokenizersBackend` (4.x does not know it). A model
+    loaded from a GGUF file holds dequantized weights, but `save_pretrained` refuses it as
+    "quantized"; its weights and config are written directly."""
     from fitness.geometry import geometry_from_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if _loaded_from_gguf(model):
+        from safetensors.torch import save_model
+
+        save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+        data = model.config.to_dict()
+        data.pop("quantization_config", None)
+        data["architectures"] = [type(model).__name__]
+        data["torch_dtype"] = data["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     config_path = out / "config.json"
     data = json.loads(config_path.read_text())
@@ -156,6 +168,11 @@ def save_hf_model(model, tokenizer, out: Path) -> Path:
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
         tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _loaded_from_gguf(model) -> bool:
+    quantizer = getattr(model, "hf_quantizer", None)
+    return quantizer is not None and ("gguf" in type(quantizer).__name__.lower() or not quantizer.is_serializable)
 
 
 def machine_name(device: str | torch.device = "cpu") -> str:

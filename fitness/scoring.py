@@ -111,3 +111,14 @@ def score_candidates(
 
 def score_candidate(model, needles: NeedleSet, candidate: RopeCandidate, **kwargs) -> Score:
     return score_candidates(model, needles, [candidate], **kwargs)[0]
+
+
+def score_model(model, needles: NeedleSet, documents_per_forward: int = 1) -> Score:
+    """The model as it stands (its own config's RoPE, no candidate applied): an exported model."""
+    nll, exact = [], []
+    for start in range(0, len(needles), documents_per_forward):
+        docs = list(range(start, min(start + documents_per_forward, len(needles))))
+        row_nll, row_exact = answer_nll(model, needles.input_ids[docs], [needles.answers[d] for d in docs])
+        nll += row_nll.tolist()
+        exact += row_exact.tolist()
+    return fitness_of(nll, exact)

@@ -11,6 +11,7 @@ never sees.
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,9 @@ class MixedData(BaseModel):
     answer_weight: float = Field(default=10.0, gt=0)
     short_min: int = Field(default=64, gt=8)  # short documents are [short_min, L] tokens long
     holdout_every: int = Field(default=10, gt=1)  # every n-th haystack sentence run is held out
+    # "lm": short rows learn the text; "distill": short rows match the frozen base model's next-token
+    # distribution (original RoPE), so what the model could do inside its window is what it keeps
+    short_loss: Literal["lm", "distill"] = "lm"
 
 
 class MixedBatches:
@@ -64,7 +68,8 @@ class MixedBatches:
         return ids, positions
 
     def __call__(self, step: int, micro: int) -> Batch:
-        rows, weights, positions = [], [], []
+        distill = self.settings.short_loss == "distill"
+        rows, weights, positions, distill_weights = [], [], [], []
         for row in range(self.batch_size):
             rng = random.Random(f"mixed:{self.seed}:{step}:{micro}:{row}")
             if rng.random() < self.settings.long_ratio:
@@ -72,12 +77,15 @@ class MixedBatches:
                 rows.append(ids)
                 weights.append(weight)
                 positions.append(list(range(self.target)))
+                distill_weights.append(torch.zeros(self.target))
             else:
                 ids, pos = self.short_row(rng)
                 rows.append(ids)
-                weights.append(torch.ones(self.target))
+                weights.append(torch.zeros(self.target) if distill else torch.ones(self.target))
                 positions.append(pos)
-        return Batch(torch.tensor(rows), torch.stack(weights), torch.tensor(positions))
+                distill_weights.append(torch.ones(self.target) if distill else torch.zeros(self.target))
+        return Batch(torch.tensor(rows), torch.stack(weights), torch.tensor(positions),
+                     torch.stack(distill_weights) if distill else None)  # fmt: skip
 
 
 def split_pieces(pieces: list[list[int]], every: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -86,10 +94,3 @@ def split_pieces(pieces: list[list[int]], every: int) -> tuple[list[list[int]], 
     for start in range(0, len(pieces), 20):
         (heldout if (start // 20) % every == every - 1 else train).extend(pieces[start : start + 20])
     return train, heldout
-
-
-def heldout_windows(pieces: list[list[int]], window: int, count: int) -> torch.Tensor:
-    """`count` consecutive held-out windows of `window` tokens (short-context perplexity)."""
-    stream = [t for piece in pieces for t in piece]
-    count = min(count, len(stream) // window)
-    return torch.tensor(stream[: count * window]).view(count, window)

@@ -1,62 +1,103 @@
-"""After training: needle PPL at the target length and short-window perplexity on held-out text,
-against the base model with no scaling and the base model with the search-only factors."""
+"""After training: each model as plain transformers loads it from its exported directory — the base
+model, the base model with the searched factors, the fine-tuned model — one at a time on the device,
+scored on needles at the target length and on general text at short lengths.
+
+Nothing here applies a candidate by hand: the exported config.json is what makes transformers use
+the factors (and the attention factor, which it applies at every length), so the short-window
+numbers are what a user of the exported model gets.
+"""
 
 from __future__ import annotations
 
-import math
+import gc
+import shutil
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from fitness.factors import RopeCandidate, baseline
-from fitness.needles import NeedleSettings, build_needle_set
-from fitness.patch import apply_candidates
-from fitness.scoring import score_candidate
+from fitness.factors import RopeCandidate
+from fitness.general_text import perplexity
+from fitness.hf_config import write_longrope_config
+from fitness.models import ModelSettings, load_model, save_hf_model
+from fitness.needles import NeedleSet
+from fitness.scoring import score_model
+
+BASE, BASE_FACTORS, TRAINED = "base (no scaling)", "base + searched factors", "mixed-window trained"
 
 
-@torch.no_grad()
-def window_perplexity(model, windows: torch.Tensor, candidate: RopeCandidate | None, batch: int = 8) -> float:
-    """Token-level perplexity over held-out windows (all tokens), optionally under a candidate."""
-    device = next(model.parameters()).device
-    handle = apply_candidates(model, candidate) if candidate is not None else None
-    total, count = 0.0, 0
+def export_base_with_factors(base: ModelSettings, candidate: RopeCandidate, out: Path) -> Path:
+    """The base model's weights with the candidate's config: what `ropesearch export --to hf` writes."""
+    model, tokenizer = load_model(base.model_copy(update={"device": "cpu", "dtype": "float32"}))
+    save_hf_model(model, tokenizer, out)
+    write_longrope_config(out, candidate)
+    return out
+
+
+def _release(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score_exported(
+    settings: ModelSettings, long_needles: NeedleSet, window_needles: NeedleSet | None, windows: dict[int, torch.Tensor]
+) -> dict:
+    """Needle PPL/retrieval at the target length (and at the original window, if given) and general-text
+    perplexity at each short length, for one model directory, loaded alone."""
+    model, _ = load_model(settings)
     try:
-        for start in range(0, len(windows), batch):
-            ids = windows[start : start + batch].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum")
-            total += loss.item()
-            count += ids[:, 1:].numel()
+        needle = score_model(model, long_needles)
+        row = {"needle_ppl": needle.fitness, "retrieval": needle.retrieval}
+        if window_needles is not None:
+            row["needle_ppl_in_window"] = score_model(model, window_needles).fitness
+        row["short_ppl"] = {str(length): perplexity(model, ids) for length, ids in windows.items()}
+        if torch.cuda.is_available() and settings.resolved_device().startswith("cuda"):
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
     finally:
-        if handle is not None:
-            handle.restore()
-    return math.exp(total / count)
+        _release(model)
 
 
-def compare(base, trained, tokenizer, candidate: RopeCandidate, needles: NeedleSettings, windows: torch.Tensor) -> dict:
-    """The three models of the result table, on the same held-out documents."""
-    long_set = build_needle_set(tokenizer, needles, candidate.target_window)
+def compare_exports(
+    base: ModelSettings,
+    trained_dir: Path,
+    candidate: RopeCandidate,
+    long_needles: NeedleSet,
+    window_needles: NeedleSet,
+    windows: dict[int, torch.Tensor],
+    work_dir: Path,
+) -> dict:
+    """The three rows of the result table, on the same held-out needles and general text."""
+    device = base.resolved_device()
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    base_factors_dir = export_base_with_factors(base, candidate, work_dir / "base-with-factors")
     rows = {
-        "base (no scaling)": (base, baseline("none", candidate.geometry, candidate.target_window)),
-        "base + searched factors": (base, candidate),
-        "mixed-window trained": (trained, candidate),
-    }  # fmt: skip
+        BASE: (base.model_copy(update={"dtype": dtype}), window_needles),
+        BASE_FACTORS: (ModelSettings(name=str(base_factors_dir), dtype=dtype, device=device), None),
+        TRAINED: (ModelSettings(name=str(trained_dir), dtype=dtype, device=device), None),
+    }
     result = {}
-    for name, (model, rope) in rows.items():
-        needle = score_candidate(model, long_set, rope)
-        short = window_perplexity(model, windows, rope if name != "base (no scaling)" else None)
-        result[name] = {"needle_ppl": needle.fitness, "retrieval": needle.retrieval, "short_ppl": short}
-    base_short = result["base (no scaling)"]["short_ppl"]
+    try:
+        for name, (settings, in_window) in rows.items():
+            result[name] = score_exported(settings, long_needles, in_window, windows)
+    finally:
+        shutil.rmtree(base_factors_dir, ignore_errors=True)
+    base_short = result[BASE]["short_ppl"]
     for row in result.values():
-        row["short_retention"] = base_short / row["short_ppl"]
+        row["short_cost"] = {n: row["short_ppl"][n] / base_short[n] - 1 for n in base_short}
     return result
 
 
 def format_comparison(result: dict, target: int, window: int) -> str:
-    lines = [
-        f"{'':<26}{'needle PPL @' + str(target):>18}{'retrieval':>11}{'short PPL @' + str(window):>16}{'retention':>11}"
-    ]
+    lengths = list(result[BASE]["short_ppl"])
+    head = f"{'':<26}{'needle PPL @' + str(target):>18}{'retrieval':>11}"
+    head += "".join(f"{'text PPL @' + n:>16}" for n in lengths)
+    lines = [head]
     for name, row in result.items():
-        lines.append(f"{name:<26}{row['needle_ppl']:>18.4g}{row['retrieval']:>10.0%}{row['short_ppl']:>16.4f}"
-                     f"{row['short_retention']:>10.1%}")  # fmt: skip
+        line = f"{name:<26}{row['needle_ppl']:>18.4g}{row['retrieval']:>10.0%}"
+        line += "".join(f"{row['short_ppl'][n]:>9.3f} ({row['short_cost'][n]:+.1%})" for n in lengths)
+        lines.append(line)
+    lines.append(f"(base model's own needle PPL @{window}: {result[BASE]['needle_ppl_in_window']:.4g}; "
+                 "text: general English the project never trains or searches on)")  # fmt: skip
     return "\n".join(lines)

@@ -21,10 +21,11 @@ from fitness.factors import RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name, save_hf_model
-from fitness.needles import Haystack, NeedleSettings
+from fitness.general_text import general_windows
+from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import apply_candidates
-from mixed_window_train.data import MixedBatches, MixedData, heldout_windows, split_pieces
-from mixed_window_train.evaluate import compare, format_comparison
+from mixed_window_train.data import MixedBatches, MixedData
+from mixed_window_train.evaluate import compare_exports, format_comparison
 from mixed_window_train.trainer import TrainSettings, train
 
 
@@ -34,7 +35,9 @@ class EvaluationSettings(BaseModel):
     needles: NeedleSettings = Field(
         default_factory=lambda: NeedleSettings(haystack=["docstrings"], seed=2000, documents=32)
     )
-    short_windows: int = Field(default=64, gt=0)  # held-out windows of L tokens for short-context perplexity
+    short_windows: int = Field(default=16, gt=0, le=4096)  # general-text windows per short length
+    # short lengths for general-text perplexity; None: a quarter of the original window and the window itself
+    short_lengths: list[int] | None = Field(default=None, min_length=1)
 
 
 class FinetuneConfig(BaseModel):
@@ -54,10 +57,25 @@ def read_factors(spec: str) -> RopeCandidate:
 
 
 def prepare(config_path: Path) -> tuple[FinetuneConfig, RopeCandidate]:
-    """Validate config, model and factors before anything is written."""
+    """Validate config, sizes, model, haystacks and factors before anything is written."""
+    from fitness.config_io import read_yaml
+    from search.config import MAX_NAME, MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model
+    from search.config import naming
+
+    source = str(config_path)
+    check_finite(read_yaml(config_path), source)
     config = load_yaml(config_path, FinetuneConfig)
-    candidate = read_factors(config.factors)
-    check_geometry(candidate, geometry_from_config(load_config(config.model.name)), source=config.factors)
+    check_limits(config.model_dump(), source)
+    if len(config.name) > MAX_NAME:
+        raise RopeSearchError(f"{source}: name: longer than {MAX_NAME} characters")
+    check_model(config.model, source)
+    check_haystacks(config.data.haystack, source, "data.haystack")
+    check_haystacks(config.evaluation.needles.haystack, source, "evaluation.needles.haystack")
+    with naming(source, "factors"):
+        candidate = read_factors(config.factors)
+        check_geometry(candidate, geometry_from_config(load_config(config.model.name)), source=config.factors)
+    if candidate.target_window > MAX_TARGET_WINDOW:
+        raise RopeSearchError(f"{source}: factors: target window {candidate.target_window} > {MAX_TARGET_WINDOW}")
     return config, candidate
 
 
@@ -69,24 +87,33 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     geometry = geometry_from_config(model.config)
     batches = MixedBatches(tokenizer, config.data, geometry.original_window, candidate.target_window,
                            config.train.batch_size, config.train.seed)  # fmt: skip
+    teacher = None
+    if config.data.short_loss == "distill":  # the base model, original RoPE, frozen
+        teacher, _ = load_model(config.model)
+        teacher.requires_grad_(False)
     started = time.time()
     with apply_candidates(model, candidate):
-        result = train(model, batches, config.train, out_dir, stop_after=stop_after)
+        result = train(model, batches, config.train, out_dir, teacher=teacher, stop_after=stop_after)
     result["seconds"] = time.time() - started
     if result["step"] < config.train.steps:
         return result  # stopped early (a test's simulated crash): resume with the same call
 
     save_hf_model(model, tokenizer, out_dir / "model")
     write_longrope_config(out_dir / "model", candidate)
-
-    base, _ = load_model(config.model)
-    held_out = Haystack(tokenizer, config.data.haystack)
-    _, heldout_text = split_pieces(held_out.pieces, config.data.holdout_every)
-    windows = heldout_windows(heldout_text, geometry.original_window, config.evaluation.short_windows)
-    comparison = compare(base, model, tokenizer, candidate, config.evaluation.needles, windows)
     result["machine"] = machine_name(next(model.parameters()).device)
+    del model, teacher  # the evaluation loads one exported model at a time
+
+    started = time.time()
+    window = geometry.original_window
+    lengths = config.evaluation.short_lengths or [window // 4, window]
+    windows = {n: general_windows(tokenizer, n, config.evaluation.short_windows) for n in lengths}
+    long_needles = build_needle_set(tokenizer, config.evaluation.needles, candidate.target_window)
+    window_needles = build_needle_set(tokenizer, config.evaluation.needles, window)
+    comparison = compare_exports(config.model, out_dir / "model", candidate, long_needles, window_needles,
+                                 windows, out_dir)  # fmt: skip
+    result["evaluation_seconds"] = time.time() - started
     result["evaluation"] = comparison
-    result["table"] = format_comparison(comparison, candidate.target_window, geometry.original_window)
+    result["table"] = format_comparison(comparison, candidate.target_window, window)
     tmp = out_dir / "evaluation.json.tmp"
     tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
     os.replace(tmp, out_dir / "evaluation.json")
@@ -94,7 +121,14 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
 
 
 def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
-    """An existing folder is resumed only if it was made by the same config."""
+    """An existing folder is resumed only if it was made by the same config; a file is never one."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise RopeSearchError(f"--out {out_dir}: {existing} is a file, not a folder; choose another --out")
     saved = out_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(config.model_dump_json()):
+    try:
+        same = not saved.exists() or json.loads(saved.read_text()) == json.loads(config.model_dump_json())
+    except (ValueError, OSError):
+        same = False
+    if not same:
         raise RopeSearchError(f"{out_dir} holds a run of another config; choose another --out")

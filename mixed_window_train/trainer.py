@@ -46,13 +46,13 @@ class TrainSettings(BaseModel):
 
 @dataclass
 class Batch:
-    """One micro-batch. `loss_weight` is per token (0 masks it); `rotary_rows` picks each row's RoPE
-    candidate when several are applied (mixed-window training)."""
+    """One micro-batch. Per token, `loss_weight` weighs next-token cross-entropy (0 masks it) and
+    `distill_weight` weighs the KL divergence from the frozen teacher's next-token distribution."""
 
     input_ids: torch.Tensor
     loss_weight: torch.Tensor
     position_ids: torch.Tensor | None = None
-    rotary_rows: list[int] | None = None
+    distill_weight: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -74,41 +74,81 @@ def weighted_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (per_token * weights).sum() / weights.sum().clamp_min(1e-9)
 
 
-def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+def _chunk_loss_sums(head, hidden, targets, weights, teacher_hidden, teacher_head, distill_weights):
+    """(weighted cross-entropy sum, weighted KL(teacher || student) sum) over one chunk of positions."""
     logits = head(hidden).float()
-    return (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weights).sum()
+    ce = (F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weights).sum()
+    if teacher_hidden is None:
+        return ce, ce.new_zeros(())
+    with torch.no_grad():
+        teacher = F.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
+    kl = F.kl_div(F.log_softmax(logits, dim=-1), teacher, log_target=True, reduction="none").sum(-1)
+    return ce, (kl * distill_weights).sum()
 
 
-def chunked_lm_loss(model, batch: Batch, position_ids, chunk: int) -> torch.Tensor:
-    """The same loss without the [batch, length, vocab] logits: the LM head runs over `chunk` positions
-    at a time and is recomputed in the backward pass (a 32k x 49k-vocab row would need ~6 GB)."""
+def chunked_loss(model, batch: Batch, position_ids, chunk: int, teacher=None) -> torch.Tensor:
+    """Weighted LM loss plus, where `distill_weight` is set, the KL from the teacher's predictions,
+    without the [batch, length, vocab] logits: the LM heads run over `chunk` positions at a time
+    and the student's is recomputed in the backward pass (a 32k x 49k-vocab row would need ~6 GB)."""
     device = next(model.parameters()).device
-    hidden = model.model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)[0]
+    ids = batch.input_ids.to(device)
+    hidden = model.model(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
+    teacher_hidden = None
+    distilling = teacher is not None and batch.distill_weight is not None and bool(batch.distill_weight.any())
+    if distilling:
+        with torch.no_grad():
+            teacher_hidden = teacher.model(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
     head = model.get_output_embeddings()
-    targets = batch.input_ids[:, 1:].to(device)
+    teacher_head = teacher.get_output_embeddings() if distilling else None
+    targets = ids[:, 1:]
     weights = batch.loss_weight[:, 1:].to(device, torch.float32)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    distill = batch.distill_weight[:, :-1].to(device, torch.float32) if distilling else None
+    ce_total = kl_total = hidden.new_zeros((), dtype=torch.float32)
+    chunk = chunk or targets.shape[1]
     for start in range(0, targets.shape[1], chunk):
         end = min(start + chunk, targets.shape[1])
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss_sum,
+        ce, kl = torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sums,
             head,
             hidden[:, start:end],
             targets[:, start:end],
             weights[:, start:end],
+            teacher_hidden[:, start:end] if distilling else None,
+            teacher_head,
+            distill[:, start:end] if distilling else None,
             use_reentrant=False,
         )
-    return total / weights.sum().clamp_min(1e-9)
+        ce_total, kl_total = ce_total + ce, kl_total + kl
+    loss = ce_total / weights.sum().clamp_min(1e-9)
+    if distilling:
+        loss = loss + kl_total / distill.sum().clamp_min(1e-9)
+    return loss
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout and sampling on the GPU draw from these, not from the CPU's
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _byte_tensor(state) -> torch.Tensor:
+    """torch only accepts a CPU ByteTensor as RNG state; a checkpoint loaded onto a GPU holds CUDA ones."""
+    return torch.as_tensor(state).detach().to("cpu", torch.uint8)
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]][: torch.cuda.device_count()])
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Always onto the CPU: `load_state_dict` moves weights and optimizer state to their parameters'
+    device, and RNG states must stay CPU tensors."""
+    return torch.load(path, weights_only=False, map_location="cpu")
 
 
 class Checkpoints:
@@ -139,12 +179,13 @@ def train(
     out_dir: Path,
     evaluate: Callable[[int, dict], dict] | None = None,
     done: Callable[[dict], bool] | None = None,
-    set_rotary_rows: Callable[[list[int] | None], None] | None = None,
+    teacher: torch.nn.Module | None = None,
     stop_after: int | None = None,
 ) -> dict:
     """Train until `settings.steps` (or until `done(metrics)` after an evaluation); resume from the
     newest checkpoint in `out_dir/checkpoints`. `evaluate(step, previous_metrics)` sees the last
-    evaluation's metrics (restored on resume). `stop_after` ends early at that step, as a crash would."""
+    evaluation's metrics (restored on resume). `teacher`, a frozen model, is what tokens with a
+    `distill_weight` are pulled toward. `stop_after` ends early at that step, as a crash would."""
     out_dir = Path(out_dir)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -162,7 +203,7 @@ def train(
     checkpoints = Checkpoints(out_dir / "checkpoints")
     start, last_metrics = 0, {}
     if (latest := checkpoints.latest()) is not None:
-        state = torch.load(latest, weights_only=False, map_location=device)
+        state = load_checkpoint(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
@@ -195,12 +236,10 @@ def train(
         loss_sum, tokens = 0.0, 0
         for micro in range(settings.grad_accum):
             batch = batch_for(step, micro)
-            if set_rotary_rows is not None:
-                set_rotary_rows(batch.rotary_rows)
             position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
             with autocast:
-                if settings.loss_chunk:
-                    loss = chunked_lm_loss(model, batch, position_ids, settings.loss_chunk) / settings.grad_accum
+                if settings.loss_chunk or batch.distill_weight is not None:
+                    loss = chunked_loss(model, batch, position_ids, settings.loss_chunk, teacher) / settings.grad_accum
                 else:
                     out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
                     loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum

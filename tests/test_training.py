@@ -125,7 +125,7 @@ def test_trained_model_loads_in_plain_transformers_with_both_factor_sets(tmp_pat
 
 
 def test_chunked_loss_equals_full_logits_loss(tiny):
-    from mixed_window_train.trainer import Batch, chunked_lm_loss, weighted_lm_loss
+    from mixed_window_train.trainer import Batch, chunked_loss, weighted_lm_loss
 
     model, _ = tiny
     generator = torch.Generator().manual_seed(0)
@@ -134,7 +134,7 @@ def test_chunked_loss_equals_full_logits_loss(tiny):
     full.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    chunked = chunked_lm_loss(model, batch, None, chunk=64)
+    chunked = chunked_loss(model, batch, None, chunk=64)
     chunked.backward()
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     for p, g in zip(model.parameters(), expected):

