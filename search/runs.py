@@ -222,8 +222,8 @@ def finish(ctx: driver.SearchContext) -> dict | None:
 
 def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> dict:
     config = load(run_dir)
+    ctx = open_run(Path(run_dir), config)  # reads only: a lost study is refused before anything is written
     with driver_lock(run_dir):
-        ctx = open_run(Path(run_dir), config)
         summary = driver.search(ctx, stop_after=stop_after, quiet=quiet)
         return _finish_run(ctx, summary, stop_after)
 

@@ -4,6 +4,7 @@ Each fault shows: no finished evaluation lost or duplicated (one COMPLETE trial 
 history as an uninterrupted run), a one-line message naming the cause, and `resume` finishing.
 """
 
+import json
 import os
 import resource
 import signal
@@ -17,6 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import driver, runs
+from search.cli import main
 from search.evolution import EvolutionarySampler
 from search.liveness import DRIVER
 from search.storage import open_storage
@@ -170,3 +172,69 @@ def test_two_drivers_share_one_study(tmp_path, reference_history, backend):
     assert driver.history(study)[:TOTAL] == reference_history[0]
     drivers_seen = {t.system_attrs.get(DRIVER) for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert len(drivers_seen) == 2  # both drivers really evaluated
+
+
+# ---------------------------------------------------------------- a run folder damaged or misused
+STUDY_DAMAGE = [
+    ("missing", lambda db: db.unlink(), "is missing"),
+    ("empty", lambda db: db.write_bytes(b""), "is empty"),
+    ("not a database", lambda db: db.write_bytes(b"not a database " * 100), "damaged"),
+    ("truncated", lambda db: db.write_bytes(db.read_bytes()[: db.stat().st_size // 2]), "damaged"),
+]
+
+
+def folder_state(run_dir: Path) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.parametrize("command", ["resume", "status"])
+@pytest.mark.parametrize("damage, change, message", STUDY_DAMAGE, ids=[d[0] for d in STUDY_DAMAGE])
+def test_a_lost_study_is_never_started_over(tmp_path, capsys, command, damage, change, message):
+    """resume refuses and status reads nothing new: neither makes an empty study in place of a lost one."""
+    run_dir = new_run(tmp_path)
+    change(run_dir / "study.db")
+    before = folder_state(run_dir)
+    assert main([command, str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "ropesearch search" in err and "Traceback" not in err, err
+    assert folder_state(run_dir) == before
+
+
+def test_status_only_reads(tmp_path, capsys):
+    run_dir = new_run(tmp_path)
+    before = folder_state(run_dir)
+    assert main(["status", str(run_dir)]) == 0
+    assert "0 evaluations of 20" in capsys.readouterr().out
+    assert folder_state(run_dir) == before  # no lock file, no journal: it works on a read-only folder too
+
+
+def test_an_edited_config_is_not_resumed(tmp_path, capsys):
+    run_dir = new_run(tmp_path)
+    saved = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(saved.replace("population: 8", "population: 6"))
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sampler.evolution.population differ" in err, err
+    # where and how fast it runs may change
+    (run_dir / "config.yaml").write_text(saved.replace("count: 1", "count: 2"))
+    assert runs.open_run(run_dir, runs.load(run_dir)).config.workers.count == 2
+
+
+def test_a_second_resume_of_a_run_is_refused(tmp_path, capsys):
+    run_dir = new_run(tmp_path)
+    with runs.driver_lock(run_dir):  # a driver is resuming it
+        assert main(["resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "being resumed elsewhere" in err and "Traceback" not in err, err
+    assert completed_in(run_dir / "study.db") == 0
+
+
+def test_best_factors_are_never_replaced_by_worse(tmp_path):
+    run_dir = new_run(tmp_path)
+    runs.run(run_dir, stop_after=2, quiet=True)
+    best = json.loads((run_dir / "best_factors.json").read_text())
+    best["params"]["fitness"] = 0.5  # better than anything this run will find
+    (run_dir / "best_factors.json").write_text(json.dumps(best))
+    runs.run(run_dir, stop_after=2, quiet=True)
+    assert completed_in(run_dir / "study.db") == 4
+    assert json.loads((run_dir / "best_factors.json").read_text()) == best
