@@ -93,3 +93,15 @@ def candidate_perplexities(model, windows: torch.Tensor, candidates: Sequence[Ro
             rows = windows[w : w + 1].repeat(k, 1)  # row c runs candidate c
             nll[:, w] = window_nll(model, rows, batch=k, chunk=chunk)
     return [math.exp(row.mean().item()) for row in nll]
+
+
+def haystack_windows(tokenizer, sources: list[str], length: int, count: int) -> torch.Tensor:
+    """`count` consecutive windows of plain haystack text (no needle): the short-window guard's text,
+    drawn from what the search already reads, so the general text stays unseen until evaluation."""
+    from fitness.needles import Haystack
+
+    stream = [t for piece in Haystack(tokenizer, sources).pieces for t in piece]
+    count = min(count, len(stream) // length)
+    if count < 1:
+        raise RopeSearchError(f"haystack {sources} has {len(stream)} tokens: too few for one window of {length}")
+    return torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)

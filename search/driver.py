@@ -24,6 +24,7 @@ from fitness.models import load_config
 from fitness.scoring import fitness_of
 from search.config import SearchConfig
 from search.evolution import DUPLICATE, ERROR, NO_SLOT, SLOT, EvolutionarySampler
+from search.guard import SHORT_COST, best_trial, record_cost
 from search.liveness import DRIVER, Heartbeat, fail_interrupted
 from search.pruning import make_pruner
 from search.space import RopeSpace
@@ -177,6 +178,7 @@ def record(ctx: SearchContext, asked: Asked, score: dict | None, error: str | No
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
     _keep_scores(ctx, trial_id, score)
+    record_cost(storage, trial_id, score.get(SHORT_COST), ctx.config.short_guard)  # before tell: samplers read it
     ctx.study.tell(asked.trial, score["fitness"])
     return True
 
@@ -189,7 +191,7 @@ def _keep_scores(ctx: SearchContext, trial_id: int, score: dict) -> None:
 def _joined(first: dict, second: dict) -> dict:
     score = fitness_of(first["document_nll"] + second["document_nll"],
                        first["document_exact"] + second["document_exact"]).to_dict()  # fmt: skip
-    return {**score, "seconds": first["seconds"] + second["seconds"]}
+    return {**score, "seconds": first["seconds"] + second["seconds"], SHORT_COST: first.get(SHORT_COST)}
 
 
 def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
@@ -238,15 +240,15 @@ def total_budget(ctx: SearchContext) -> int | None:
 
 
 def best_candidate(ctx: SearchContext) -> tuple[RopeCandidate, optuna.trial.FrozenTrial] | None:
-    try:
-        best = ctx.study.best_trial
-    except ValueError:
+    best = best_trial(ctx.study)
+    if best is None:
         return None
     candidate = ctx.candidate(best.params)
     provenance = {
         **candidate.params,
         "fitness": best.value,
         "retrieval": best.user_attrs.get("retrieval"),
+        SHORT_COST: best.user_attrs.get(SHORT_COST),
         "trial": best.number,
         "study": ctx.config.name,
         "run": ctx.run_dir.name,
@@ -264,7 +266,8 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
     results = {}
     for outcome in pool.run(deque(Job(name, [c]) for name, c in zip(ctx.config.baselines, candidates))):
         if outcome.error is None:
-            results[outcome.job.tag] = {k: outcome.scores[0][k] for k in ("fitness", "retrieval")}
+            results[outcome.job.tag] = {k: outcome.scores[0][k] for k in ("fitness", "retrieval", SHORT_COST)
+                                        if k in outcome.scores[0]}  # fmt: skip
     ctx.study.set_user_attr("baselines", results)
     return results
 
@@ -280,7 +283,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     heartbeat = Heartbeat(ctx.study, ctx.driver_id)
     heartbeat()
     model, needles = config.model.model_dump(), config.needles.model_dump()
-    pool = make_pool(config.workers, model, needles, ctx.target)
+    pool = make_pool(config.workers, model, needles, ctx.target, config.short_guard.model_dump())
     started, evaluated = time.time(), 0
     budget = total_budget(ctx)
     k, capacity = config.workers.candidates_per_forward, config.workers.count * config.workers.in_flight
@@ -355,10 +358,8 @@ def _trial_ids(job: Job) -> set[int]:
 
 
 def best_value(ctx: SearchContext) -> float:
-    try:
-        return ctx.study.best_value
-    except ValueError:  # nothing complete yet
-        return float("nan")
+    best = best_trial(ctx.study)
+    return float("nan") if best is None else best.value  # nan: nothing complete yet
 
 
 def _kept_best(path: Path) -> RopeCandidate | None:
@@ -371,6 +372,12 @@ def _kept_best(path: Path) -> RopeCandidate | None:
     return kept if isinstance(fitness, (int, float)) and fitness == fitness else None
 
 
+def _guarded_rank(ctx: SearchContext, candidate: RopeCandidate) -> tuple[float, float]:
+    """(short-window guard violation, needle PPL): the order best_trial uses, for a saved candidate."""
+    cost, limit = candidate.params.get(SHORT_COST), ctx.config.short_guard.max_cost
+    return (max(0.0, cost - limit) if cost is not None and limit is not None else 0.0), candidate.params["fitness"]
+
+
 def write_best(ctx: SearchContext) -> RopeCandidate | None:
     """best_factors.json: replaced only by a better candidate (lower needle PPL), never by a worse one,
     even if the study it came from was lost and searched again. Returns the candidate it holds."""
@@ -380,7 +387,7 @@ def write_best(ctx: SearchContext) -> RopeCandidate | None:
     if found is None:
         return kept
     candidate, _ = found
-    if kept is not None and kept.params["fitness"] <= candidate.params["fitness"]:
+    if kept is not None and _guarded_rank(ctx, kept) <= _guarded_rank(ctx, candidate):
         return kept
     tmp = ctx.run_dir / "best_factors.json.tmp"
     candidate.save(tmp)

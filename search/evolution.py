@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.factors import baseline
+from search.guard import rank
 from search.space import RopeSpace
 
 SLOT = "ropesearch:slot"  # [generation, slot], one attribute: other drivers never see half of it
@@ -118,7 +119,7 @@ class EvolutionarySampler(BaseSampler):
             slot = self.slot_of(trial)
             if slot and slot[0] < before_generation and (slot not in chosen or trial.number < chosen[slot].number):
                 chosen[slot] = trial
-        return sorted(chosen.values(), key=lambda t: (t.value, self.slot_of(t)))
+        return sorted(chosen.values(), key=lambda t: (*rank(t), self.slot_of(t)))  # feasible first
 
     # ---------------------------------------------------------------- the Optuna sampler interface
     def infer_relative_search_space(self, study, trial):

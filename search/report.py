@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry
+from search.guard import SHORT_COST, best_trial
 
 CURVES = ("pi", "ntk", "yarn", "critical_ntk")
 
@@ -122,6 +123,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _cost(short_cost: float | None) -> str:
+    return "" if short_cost is None else f", short-window cost {short_cost:+.1%}"
+
+
 def format_status(study, baselines: dict, total: int | None, sampler_state=None) -> str:
     trials = study.get_trials(deepcopy=False)
     count = {state: sum(t.state == state for t in trials) for state in TrialState}
@@ -136,12 +141,14 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
                      f"generation {sampler_state.generation}: {len(sampler_state.open_slots)} slots open, "
                      f"{sampler_state.running} running")  # fmt: skip
     if count[TrialState.COMPLETE]:
-        best = study.best_trial
+        best = best_trial(study)
         lines.append(f"best so far on the search documents: needle PPL {best.value:.4g} (trial {best.number}, "
-                     f"retrieval {best.user_attrs.get('retrieval', float('nan')):.0%})")  # fmt: skip
+                     f"retrieval {best.user_attrs.get('retrieval', float('nan')):.0%}"
+                     f"{_cost(best.user_attrs.get(SHORT_COST))})")  # fmt: skip
         for name, row in sorted(baselines.items(), key=lambda item: item[1]["fitness"]):
             lines.append(
                 f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)"
+                + _cost(row.get(SHORT_COST))
             )
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:

@@ -21,9 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
+from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
+from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
+from search.guard import SHORT_COST, ShortGuardSettings
 
 log = logging.getLogger("ropesearch")
 RAY_CONNECT_TIMEOUT_S = 5.0  # Ray itself retries a dead address for about a minute, silently
@@ -63,10 +66,19 @@ class WorkerSettings(BaseModel):
 class ScoringWorker:
     """One model replica and its needle set; scores batches of candidates."""
 
-    def __init__(self, model: dict, needles: dict, length: int, documents_per_forward: int = 1):
+    def __init__(self, model: dict, needles: dict, length: int, documents_per_forward: int = 1,
+                 guard: dict | None = None):  # fmt: skip
         self.model, self.tokenizer = load_model(ModelSettings(**model))
-        self.needles = build_needle_set(self.tokenizer, NeedleSettings(**needles), length)
+        settings = NeedleSettings(**needles)
+        self.needles = build_needle_set(self.tokenizer, settings, length)
         self.documents_per_forward = documents_per_forward
+        self.guard_windows, self.guard_base = None, None
+        if guard is not None:  # the short-window guard's text: plain haystack at a short length
+            window = geometry_from_config(self.model.config).original_window
+            guard = ShortGuardSettings(**guard)
+            self.guard_windows = haystack_windows(self.tokenizer, settings.haystack, guard.length or window,
+                                                  guard.windows)  # fmt: skip
+            self.guard_base = perplexity(self.model, self.guard_windows)
 
     def info(self) -> dict:
         device = next(self.model.parameters()).device
@@ -77,9 +89,12 @@ class ScoringWorker:
         needles = self.needles if documents is None else self.needles.subset(documents)
         parsed = [RopeCandidate.model_validate_json(c) for c in candidates]
         started = time.perf_counter()
-        scores = score_candidates(self.model, needles, parsed, self.documents_per_forward)
+        scores = [s.to_dict() for s in score_candidates(self.model, needles, parsed, self.documents_per_forward)]
+        if self.guard_windows is not None and (documents is None or 0 in documents):  # not again in a 2nd stage
+            costs = candidate_perplexities(self.model, self.guard_windows, parsed)
+            scores = [{**s, SHORT_COST: ppl / self.guard_base - 1} for s, ppl in zip(scores, costs)]
         seconds = time.perf_counter() - started
-        return [{**s.to_dict(), "seconds": seconds / len(parsed)} for s in scores]
+        return [{**s, "seconds": seconds / len(parsed)} for s in scores]
 
 
 @dataclass
@@ -101,8 +116,8 @@ class Outcome:
 class LocalPool:
     """One worker in this process."""
 
-    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int):
-        self.worker = ScoringWorker(model, needles, length, settings.documents_per_forward)
+    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int, guard: dict | None = None):
+        self.worker = ScoringWorker(model, needles, length, settings.documents_per_forward, guard)
 
     def run(self, jobs: deque[Job]) -> Iterator[Outcome]:
         while jobs:
@@ -119,7 +134,7 @@ class LocalPool:
 class RayPool:
     """`settings.count` Ray actors; the driver reads like the local version."""
 
-    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int):
+    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int, guard: dict | None = None):
         import ray
 
         self.ray, self.settings = ray, settings
@@ -140,7 +155,7 @@ class RayPool:
         self.actor_class = ray.remote(ScoringWorker).options(
             num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker, max_restarts=0
         )
-        self.args = (model, needles, length, settings.documents_per_forward)
+        self.args = (model, needles, length, settings.documents_per_forward, guard)
         self.actors = [self._start() for _ in range(settings.count)]
         ray.get([a.info.remote() for a in self.actors])  # fail here, clearly, if a worker cannot load
 
@@ -196,5 +211,5 @@ def _first_line(err: BaseException) -> str:
 POOLS = {"ray": RayPool, "local": LocalPool}
 
 
-def make_pool(settings: WorkerSettings, model: dict, needles: dict, length: int):
-    return POOLS[settings.backend](settings, model, needles, length)
+def make_pool(settings: WorkerSettings, model: dict, needles: dict, length: int, guard: dict | None = None):
+    return POOLS[settings.backend](settings, model, needles, length, guard)

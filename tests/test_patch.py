@@ -68,7 +68,7 @@ def test_dynamic_ntk_at_the_length_equals_dynamic(make_llama):
     model = make_llama(window=WINDOW)
     reference = reference_model(model, {"rope_type": "dynamic", "factor": 1.0}, scale=1.0)
     length = WINDOW * 3
-    candidate = baseline("dynamic_ntk", geometry_from_config(model.config), TARGET, length=length)
+    candidate = baseline("dynamic_ntk", geometry_from_config(model.config), TARGET, length=length, factor=1.0)
     with apply_candidates(model, candidate):
         ours = logits(model, length)
     torch.testing.assert_close(ours, logits(reference, length))

@@ -1,0 +1,43 @@
+"""The short-window guard: each candidate's perplexity cost on plain text inside the original window
+is measured by the worker and constrains the search (feasible first, then the lower needle PPL)."""
+
+import pytest
+from optuna.trial import TrialState
+
+from fitness.factors import RopeCandidate
+from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
+from fitness.models import load_model
+from search import driver, runs
+from search.guard import CONSTRAINTS, SHORT_COST, best_trial
+from tests.search_helpers import write_config
+
+LIMIT = 0.002
+
+
+def _run(tmp_path, **changes):
+    tmp_path.mkdir()
+    config = runs.prepare(write_config(tmp_path, **{"space.search_attention": True, "space.attention": "none",
+                                                    "short_guard.windows": 2, **changes}))  # fmt: skip
+    run_dir = runs.create(config, tmp_path / "runs")
+    runs.run(run_dir, quiet=True)
+    return run_dir, driver.open_context(run_dir, runs.load(run_dir)).study
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_guard_keeps_the_winner_within_its_short_window_budget(tmp_path):
+    _, free = _run(tmp_path / "free")
+    guarded_dir, guarded = _run(tmp_path / "guarded", **{"short_guard.max_cost": LIMIT})
+    assert best_trial(free).user_attrs[SHORT_COST] > LIMIT  # unguarded, the search spends short context
+
+    winner = best_trial(guarded)
+    assert winner.user_attrs[SHORT_COST] <= LIMIT
+    complete = guarded.get_trials(states=(TrialState.COMPLETE,))
+    assert all(t.system_attrs[CONSTRAINTS] == [t.user_attrs[SHORT_COST] - LIMIT] for t in complete)
+    assert any(t.value < winner.value for t in complete)  # the guard did bind: a lower PPL was refused
+    saved = RopeCandidate.load(guarded_dir / "best_factors.json")
+    assert saved.params[SHORT_COST] == winner.user_attrs[SHORT_COST]
+
+    model, tokenizer = load_model("tiny")  # the cost as measured independently of the worker
+    windows = haystack_windows(tokenizer, ["pydoc"], 256, 2)
+    (ppl,) = candidate_perplexities(model, windows, [saved])
+    assert ppl / perplexity(model, windows) - 1 == pytest.approx(winner.user_attrs[SHORT_COST], rel=1e-4, abs=1e-6)
