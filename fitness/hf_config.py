@@ -1,5 +1,9 @@
 """The candidate as Hugging Face config.json keys: the longrope form transformers 4.x and 5.x and vLLM
-all read (legacy `rope_scaling` + `rope_theta`; 5.x's own `rope_parameters` is ignored by 4.x)."""
+all read (legacy `rope_scaling` + `rope_theta`; 5.x's own `rope_parameters` is ignored by 4.x).
+
+The attention factor is written twice, once per reader: transformers reads `attention_factor`; vLLM's
+longrope ignores that key and reads `short_mscale` / `long_mscale` (falling back to sqrt(1 + ln s / ln L)),
+so both carry the same value and every engine scales attention as the candidate was scored."""
 
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ def longrope_config_keys(candidate: RopeCandidate, model_type: str) -> dict:
             "factor": candidate.scale,
             "original_max_position_embeddings": g.original_window,
             "attention_factor": candidate.attention_factor,
+            "short_mscale": candidate.attention_factor,  # vLLM's names for the same number
+            "long_mscale": candidate.attention_factor,
         }
     return {
         "rope_theta": g.base,
@@ -41,9 +47,10 @@ def engine_attention_warnings(candidate: RopeCandidate, model_type: str) -> list
     implied = math.sqrt(1 + math.log(candidate.scale) / math.log(g.original_window)) if candidate.scale > 1 else 1.0
     if math.isclose(candidate.attention_factor, implied, rel_tol=1e-6):
         return []
-    engines = "vLLM" + (" and transformers (Phi3 form)" if model_type == "phi3" else "")
+    if model_type != "phi3":  # the mscale keys carry it to vLLM
+        return []
     return [
-        f"{engines} ignore attention_factor for longrope and use sqrt(1 + ln(s)/ln(L)) = {implied:.6f}, "
+        f"vLLM and transformers (Phi3 form) ignore attention_factor for longrope and use sqrt(1 + ln(s)/ln(L)) = {implied:.6f}, "
         f"not the {candidate.attention_factor:.6f} this candidate was scored with"
     ]
 

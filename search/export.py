@@ -5,6 +5,8 @@ hf    a Hugging Face model directory whose config.json carries the longrope form
 gguf  a copy of a GGUF model with longrope factor tensors and keys, for llama.cpp
 json  the candidate with its geometry and provenance
 yaml  the same, as YAML
+
+Every exporter writes beside its target and renames at the end: a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -41,12 +43,40 @@ def _checked(candidate: RopeCandidate, model: str):
     return config
 
 
+def _written(tmp: Path, out: Path) -> Path:
+    """Move a finished export into place; a directory left from an earlier export is replaced whole."""
+    if out.is_dir() and tmp.is_dir():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _scratch(out: Path) -> Path:
+    """Where an export is built before it is renamed to `out` (same folder, so the rename is atomic)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    return tmp
+
+
 @register_exporter("hf")
 def export_hf(candidate: RopeCandidate, model: str, out: Path, config_only: bool = False) -> Path:
     """A model directory: weights linked (HF source) or written (GGUF source), config with the factors."""
     source_config = _checked(candidate, model)
     directory, gguf_file = resolve(model)
-    out.mkdir(parents=True, exist_ok=True)
+    final, out = out, _scratch(out)
+    out.mkdir()
+    try:
+        _fill_hf(candidate, model, source_config, directory, gguf_file, out, config_only)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return _written(out, final)
+
+
+def _fill_hf(candidate, model, source_config, directory: Path, gguf_file, out: Path, config_only: bool) -> None:
     if gguf_file is None:
         data = json.loads((directory / "config.json").read_text())
         if not config_only:
@@ -67,13 +97,15 @@ def export_hf(candidate: RopeCandidate, model: str, out: Path, config_only: bool
             save_model(loaded, str(out / "model.safetensors"))
             tokenizer.save_pretrained(out)
     write_longrope_config(out, candidate, data)
-    return out
 
 
 def gguf_metadata(candidate: RopeCandidate, arch: str, static: bool) -> dict:
+    """The GGUF keys. llama.cpp multiplies cos/sin by `rope.scaling.attn_factor` whatever the scaling
+    type, so a static export keeps it too. `context_length` is the target window: llama.cpp's default
+    context (`n_ctx` 0) is then the target, which selects the long factors (see README, Serving)."""
     g = candidate.geometry
     if static:
-        return {f"{arch}.rope.freq_base": g.base}
+        return {f"{arch}.rope.freq_base": g.base, f"{arch}.rope.scaling.attn_factor": candidate.attention_factor}
     return {
         f"{arch}.rope.freq_base": g.base,
         f"{arch}.rope.scaling.type": "longrope",
@@ -111,8 +143,7 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
             "rope_factors_long.weight": np.asarray(candidate.long_factors, dtype=np.float32),
             "rope_factors_short.weight": np.asarray(candidate.factors(long=False), dtype=np.float32),
         }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".gguf.tmp")
+    tmp = _scratch(out)
     writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
     alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
@@ -143,41 +174,81 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
     for values in new_tensors.values():
         writer.write_tensor_data(values)
     writer.close()
-    os.replace(tmp, out)
-    return out
+    return _written(tmp, out)
 
 
 @register_exporter("json")
 def export_json(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
     if model:
         _checked(candidate, model)
-    out.write_text(candidate.model_dump_json(indent=2) + "\n")
-    return out
+    tmp = _scratch(out)
+    tmp.write_text(candidate.model_dump_json(indent=2) + "\n")
+    return _written(tmp, out)
 
 
 @register_exporter("yaml")
 def export_yaml(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
     if model:
         _checked(candidate, model)
-    out.write_text(yaml.safe_dump(candidate.model_dump(mode="json"), sort_keys=False))
-    return out
+    tmp = _scratch(out)
+    tmp.write_text(yaml.safe_dump(candidate.model_dump(mode="json"), sort_keys=False))
+    return _written(tmp, out)
+
+
+NUMERIC_KEYS = ("target_window", "long_factors", "short_factors", "attention_factor", "geometry")
+
+
+def _numbers_only(data, source: Path) -> None:
+    """Factors written as strings ("1.5") would be coerced silently by the candidate type: a file that
+    quotes its numbers was not written by this tool, so it is refused rather than guessed at."""
+    if not isinstance(data, dict):
+        return  # the candidate type reports what the top level should be
+    for key in NUMERIC_KEYS:
+        value = data.get(key)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+        for where, item in [(None, value), *items]:
+            if isinstance(item, (str, bool)):
+                at = key if where is None else f"{key}.{where}" if isinstance(where, str) else f"{key}[{where}]"
+                raise RopeSearchError(f"{source}: {at} = {item!r}: numbers must be written as numbers")
+
+
+def _sane(candidate: RopeCandidate, source: Path) -> RopeCandidate:
+    g = candidate.geometry
+    if candidate.target_window < g.original_window:
+        raise RopeSearchError(
+            f"{source}: target_window {candidate.target_window} is below the model's window {g.original_window} "
+            "(factors extend a window; they cannot shrink it)"
+        )
+    return candidate
+
+
+def _parse(source: Path):
+    text = source.read_text()
+    try:
+        return yaml.safe_load(text) if source.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError):
+        return None  # the candidate type's own parser says what is wrong
 
 
 def read_source(source: Path) -> RopeCandidate:
-    """A run folder (its best factors and config) or a factor file."""
+    """A run folder (its best factors and config) or a factor file, checked before anything is written."""
     source = Path(source)
     if source.is_dir():
         factors = source / "best_factors.json"
         if not factors.is_file():
             raise RopeSearchError(f"{source}: no best_factors.json (has the search finished a round?)")
-        candidate = RopeCandidate.load(factors)
+        candidate = _sane(RopeCandidate.load(factors), factors)
         if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
             config = yaml.safe_load((source / "config.yaml").read_text())
             candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})
         return candidate
+    if source.is_file():
+        _numbers_only(_parse(source), source)
     if source.suffix in (".yaml", ".yml") and source.is_file():
         try:
-            return RopeCandidate.model_validate(yaml.safe_load(source.read_text()))
+            return _sane(RopeCandidate.model_validate(yaml.safe_load(source.read_text())), source)
+        except RopeSearchError:
+            raise
         except Exception as err:
             raise RopeSearchError(f"{source}: not a factor file ({' '.join(str(err).split())[:200]})") from None
-    return RopeCandidate.load(source)
+    return _sane(RopeCandidate.load(source), source)

@@ -6,6 +6,7 @@ import math
 import warnings
 
 import numpy as np
+import yaml
 import pytest
 import torch
 
@@ -19,18 +20,19 @@ from search.export import EXPORTERS, read_source
 TINY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
 
 
-def searched_like(geometry=TINY, target=1024, attention=None):
+# not sqrt(1 + ln s / ln L) (1.118 here), which is also what transformers and vLLM fall back to: an
+# attention factor dropped anywhere on the way changes what the engines compute and fails a test
+ATTENTION = 1.3
+
+
+def default_attention(geometry=TINY, target=1024):
+    return math.sqrt(1 + math.log(target / geometry.original_window) / math.log(geometry.original_window))
+
+
+def searched_like(geometry=TINY, target=1024, attention=ATTENTION):
     """A non-trivial LongRoPE2-shaped vector: critical pair 9, rising tail, NTK head."""
     tail = [4.0 + 0.1 * i for i in range(geometry.pairs - 9)]
-    kwargs = (
-        {"attention_factor": attention}
-        if attention
-        else {
-            "attention_factor": math.sqrt(
-                1 + math.log(target / geometry.original_window) / math.log(geometry.original_window)
-            )
-        }
-    )
+    kwargs = {"attention_factor": attention}
     return make_candidate(
         geometry,
         target,
@@ -60,6 +62,8 @@ def test_hf_round_trip_with_plain_transformers(tmp_path, tiny):
     assert config["rope_scaling"]["long_factor"] == list(candidate.long_factors)
     assert config["original_max_position_embeddings"] == 256 and config["max_position_embeddings"] == 1024
     assert config["rope_theta"] == 10000.0 and "rope_parameters" not in config
+    scaling = config["rope_scaling"]  # transformers reads the first, vLLM the other two
+    assert scaling["attention_factor"] == scaling["short_mscale"] == scaling["long_mscale"] == ATTENTION
 
     plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
     rotary = plain.model.rotary_emb
@@ -76,21 +80,21 @@ def test_hf_round_trip_with_plain_transformers(tmp_path, tiny):
     torch.testing.assert_close(theirs, torch.tensor(ours.document_nll), atol=1e-4, rtol=0)
 
 
-def test_hf_config_only_and_attention_warning(tmp_path):
-    candidate = searched_like(attention=1.3)
-    with pytest.warns(UserWarning, match="vLLM ignore"):
-        out = EXPORTERS["hf"](candidate, "tiny", tmp_path / "cfg", config_only=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+def test_hf_config_only_carries_the_attention_factor_without_warning(tmp_path):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        EXPORTERS["hf"](searched_like(), "tiny", tmp_path / "quiet", config_only=True)
+        warnings.simplefilter("error")  # the mscale keys carry it to vLLM: nothing to warn about
+        out = EXPORTERS["hf"](searched_like(), "tiny", tmp_path / "cfg", config_only=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["long_mscale"] == ATTENTION
 
 
-def test_phi3_gets_its_three_key_form(tmp_path):
-    from fitness.hf_config import longrope_config_keys
+def test_phi3_gets_its_three_key_form_and_a_warning(tmp_path):
+    from fitness.hf_config import engine_attention_warnings, longrope_config_keys
 
     keys = longrope_config_keys(searched_like(), "phi3")
     assert set(keys["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+    assert "ignore attention_factor" in engine_attention_warnings(searched_like(), "phi3")[0]
+    assert engine_attention_warnings(searched_like(attention=default_attention()), "phi3") == []
 
 
 def test_json_and_yaml_round_trip(tmp_path):
@@ -98,6 +102,7 @@ def test_json_and_yaml_round_trip(tmp_path):
     for target in ("json", "yaml"):
         path = EXPORTERS[target](candidate, "tiny", tmp_path / f"f.{target}")
         assert read_source(path) == candidate
+        assert read_source(path).attention_factor == ATTENTION
 
 
 def small_gguf(path, rotary_dim=64):
@@ -135,6 +140,8 @@ def test_gguf_copy_holds_vectors_and_keys(tmp_path, static):
         tensors["token_embd.weight"].data.reshape(32, 128), np.arange(32 * 128, dtype=np.float32).reshape(32, 128)
     )
     field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    # llama.cpp scales cos/sin by this key whatever the scaling type: a static export keeps it too
+    assert field("llama.rope.scaling.attn_factor") == pytest.approx(ATTENTION, rel=1e-7)
     if static:
         assert np.array_equal(tensors["rope_freqs.weight"].data, np.float32(candidate.long_factors))
         assert reader.get_field("llama.rope.scaling.type") is None
@@ -195,3 +202,51 @@ def test_smollm2_gguf_export_if_installed(tmp_path):
     tensors = {t.name: t for t in reader.tensors}
     assert np.array_equal(tensors["rope_factors_long.weight"].data, np.float32(candidate.long_factors))
     assert reader.get_field("llama.context_length").contents() == 32768
+
+
+def factor_file(tmp_path, change=None, name="f.json"):
+    data = searched_like().model_dump(mode="json")
+    if change:
+        change(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+    return path
+
+
+def _stringify(data, key):
+    data[key] = [str(v) for v in data[key]] if isinstance(data[key], list) else str(data[key])
+
+
+@pytest.mark.parametrize(
+    "case, change, out, message",
+    [
+        ("target below the window", lambda d: d.__setitem__("target_window", 100), "o.json", "below the model's window"),
+        ("factors as strings", lambda d: _stringify(d, "long_factors"), "o.json", "long_factors[0] = '"),
+        ("attention as a string", lambda d: _stringify(d, "attention_factor"), "o.json", "attention_factor = '1.3'"),
+        ("window as a string", lambda d: d["geometry"].__setitem__("base", "1e4"), "o.json", "geometry.base"),
+        ("--out an existing file", None, "existing.json", "exists"),
+        ("--out in a missing folder", None, "missing/o.json", "does not exist"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_export_refuses_with_one_line_and_leaves_nothing(tmp_path, capsys, case, change, out, message, suffix):
+    from search.cli import main
+
+    source = factor_file(tmp_path, change, name=f"factors{suffix}")
+    (tmp_path / "existing.json").write_text("keep me\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(["export", str(source), "--to", "json", "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, (case, err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "existing.json").read_text() == "keep me\n"
+
+
+def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("search.export.write_longrope_config", broken)
+    with pytest.raises(OSError):
+        EXPORTERS["hf"](searched_like(), "tiny", tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []

