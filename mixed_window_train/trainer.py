@@ -225,7 +225,7 @@ def train(
 
     model.train()
     progress = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    step, finished = start, False
+    trained, finished = start, False  # steps done: what a caller compares with settings.steps
     for step in range(start, settings.steps):
         if stop_after is not None and step >= stop_after:
             break
@@ -273,13 +273,14 @@ def train(
             finished = bool(done and done(last_metrics))
         if finished or last_step or (step + 1) % settings.checkpoint_every == 0:
             save(step + 1, last_metrics)
+        trained = step + 1
         if finished:
             break
     progress.close()
     if writer:
         writer.close()
     model.eval()
-    return {"step": step + 1 if settings.steps else 0, "metrics": last_metrics, "converged": finished}
+    return {"step": trained, "metrics": last_metrics, "converged": finished}
 
 
 def _tensorboard(out_dir: Path):

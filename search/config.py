@@ -18,6 +18,7 @@ from fitness.factors import BASELINES
 from fitness.models import ModelSettings, load_tokenizer, resolve
 from fitness.needles import NeedleSettings
 from search.evolution import EvolutionSettings
+from search.guard import ShortGuardSettings
 from search.pruning import PruningSettings
 from search.space import SpaceSettings
 from search.workers import WorkerSettings
@@ -220,6 +221,7 @@ class SearchConfig(BaseModel):
     space: SpaceSettings = Field(default_factory=SpaceSettings)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     pruning: PruningSettings = Field(default_factory=PruningSettings)
+    short_guard: ShortGuardSettings = Field(default_factory=ShortGuardSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     # an Optuna RDB URL or a journal file; None: SQLite in the run folder

