@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+import torch
 from tqdm.auto import tqdm
 
 from fitness.factors import RopeCandidate, baseline
+from fitness.general_text import candidate_perplexities, perplexity
 from fitness.geometry import RopeGeometry
 from fitness.needles import NeedleSet, NeedleSettings, build_needle_set
 from fitness.scoring import Score, fitness_of, score_candidates
@@ -65,4 +67,25 @@ def evaluate_methods(
                         "retrieval": score.retrieval,
                         "formats": per_format(needles, score),
                     }
+    return results
+
+
+# transformers' dynamic NTK leaves inputs inside the original window unscaled: rebuilt at the short length
+LENGTH_DEPENDENT = {"dynamic_ntk"}
+
+
+def short_text_costs(
+    model, methods: Mapping[str, Method], target: int, windows: Mapping[int, torch.Tensor], candidates_per_forward: int = 4
+) -> dict[str, dict[str, dict]]:
+    """{method: {short length: {"ppl", "cost"}}}: general-text perplexity inside the window under the RoPE a
+    user gets by deploying each method for `target` tokens, and its cost against the model's own."""
+    results: dict[str, dict[str, dict]] = {name: {} for name in methods}
+    for length, ids in windows.items():
+        own = perplexity(model, ids)
+        names = list(methods)
+        for start in range(0, len(names), candidates_per_forward):
+            chunk = names[start : start + candidates_per_forward]
+            candidates = [methods[n](length if n in LENGTH_DEPENDENT else target) for n in chunk]
+            for name, ppl in zip(chunk, candidate_perplexities(model, ids, candidates)):
+                results[name][str(length)] = {"ppl": ppl, "cost": ppl / own - 1}
     return results

@@ -78,7 +78,7 @@ def _eval(args) -> int:
     check_model(config.model, args.config)
     out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     payload = run_eval(config, candidates, out)
-    print(format_table(payload["results"]))
+    print(format_table(payload["results"], payload.get("short_text")))
     print(f"written: {out / 'eval.json'}, {out / 'eval.png'}")
     return 0
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.config_io import load_yaml
-from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
+from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, short_text_costs
+from fitness.general_text import general_windows
 from fitness.factors import BASELINES, RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name
@@ -28,6 +29,10 @@ class EvalConfig(BaseModel):
     factors: dict[str, str] = Field(default_factory=dict)  # label: factor file (e.g. a run's best_factors.json)
     candidates_per_forward: int = Field(default=4, gt=0)
     documents_per_forward: int = Field(default=1, gt=0)
+    # general English text inside the original window, under each method as deployed for the longest
+    # length: what the extension costs short prompts. None: a quarter of the window and the window.
+    short_lengths: list[int] | None = Field(default=None, min_length=1)
+    short_windows: int = Field(default=8, ge=0, le=4096)  # 0: no short-text evaluation
 
     @model_validator(mode="after")
     def _known(self) -> "EvalConfig":
@@ -39,7 +44,18 @@ class EvalConfig(BaseModel):
         return self
 
 
-def format_table(results: dict) -> str:
+def format_short_text(short_text: dict | None, target: int) -> list[str]:
+    if not short_text:
+        return []
+    lengths = list(next(iter(short_text.values())))
+    lines = [f"general-text PPL inside the window (cost vs no scaling), each method as deployed for {target} tokens",
+             f"{'method':<16}" + "".join(f"{n:>18}" for n in lengths)]  # fmt: skip
+    for name, rows in short_text.items():
+        lines.append(f"{name:<16}" + "".join(f"{rows[n]['ppl']:>9.3f} ({rows[n]['cost']:>+6.1%})" for n in lengths))
+    return lines
+
+
+def format_table(results: dict, short_text: dict | None = None) -> str:
     lengths = sorted({int(n) for rows in results.values() for n in rows})
     head = f"{'method':<16}" + "".join(f"{n:>16}" for n in lengths)
     lines = ["needle PPL (retrieval) by length", head]
@@ -50,7 +66,7 @@ def format_table(results: dict) -> str:
         by_format = format_table_by_format({name: rows[n] for name, rows in results.items() if n in rows})
         if by_format:
             lines += [f"needle PPL (retrieval) by format at {n} tokens"] + by_format
-    return "\n".join(lines)
+    return "\n".join(lines + format_short_text(short_text, lengths[-1]))
 
 
 def prepare(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
@@ -75,6 +91,12 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
     results = evaluate_methods(
         model, tokenizer, config.needles, lengths, methods, config.documents_per_forward, config.candidates_per_forward
     )
+    short_text = None
+    if config.short_windows:
+        window = geometry.original_window
+        windows = {n: general_windows(tokenizer, n, config.short_windows)
+                   for n in config.short_lengths or [window // 4, window]}  # fmt: skip
+        short_text = short_text_costs(model, methods, max(lengths), windows, config.candidates_per_forward)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": config.model.name,
@@ -84,6 +106,7 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
         "documents": config.needles.documents,
         "seconds": time.time() - started,
         "results": results,
+        "short_text": short_text,
     }
     (out_dir / "eval.json").write_text(json.dumps(payload, indent=2))
     plot_lengths(results, geometry.original_window, out_dir / "eval.png")

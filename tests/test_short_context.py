@@ -172,3 +172,30 @@ def test_a_run_stopped_early_is_not_taken_for_a_finished_one(tmp_path):
     batch = lambda step, micro: Batch(ids, torch.ones_like(ids, dtype=torch.float32))  # noqa: E731
     assert train(model, batch, settings, tmp_path, stop_after=2)["step"] == 2
     assert train(model, batch, settings, tmp_path)["step"] == 3
+
+
+def test_eval_reports_what_each_method_costs_short_prompts(tmp_path):
+    """Static scalings (PI, YaRN) pay inside the window, dynamic NTK and no scaling do not, a
+    longrope candidate pays exactly its attention factor (short factors are ones)."""
+    import yaml
+
+    from search.evaluate import format_table, prepare, run_eval
+
+    config = yaml.safe_load(open("configs/eval-tiny.yaml"))
+    config.update(multiples=[4], methods=["none", "pi", "dynamic_ntk", "yarn"], short_windows=2, short_lengths=[128])
+    config["needles"]["documents"] = 2
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    payload = run_eval(*prepare(path), tmp_path / "out")
+    costs = {name: rows["128"]["cost"] for name, rows in payload["short_text"].items()}
+    assert costs["none"] == 0 and costs["dynamic_ntk"] == pytest.approx(0, abs=1e-9)
+    assert costs["pi"] > 0.05 and costs["yarn"] > 0.01
+    searched = RopeCandidate.load("configs/factors/tiny-4x.json")
+    from fitness.models import load_model
+
+    model, tokenizer = load_model("tiny")
+    windows = general_windows(tokenizer, 128, 2)
+    (only_attention,) = candidate_perplexities(model, windows, [baseline("none", searched.geometry, 1024).model_copy(
+        update={"attention_factor": searched.attention_factor})])  # fmt: skip
+    assert costs["searched-4x"] == pytest.approx(only_attention / perplexity(model, windows) - 1, rel=1e-4)
+    assert "general-text PPL inside the window" in format_table(payload["results"], payload["short_text"])
