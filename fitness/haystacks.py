@@ -79,7 +79,11 @@ def _idle_texts() -> list[str]:
     """IDLE's help page (the Sphinx body of idlelib/help.html, without navigation), its README, and its
     NEWS, HISTORY and ChangeLog: English prose that ships with every CPython and is neither the pydoc
     topics nor the docstrings (about 89k tokens of the bundled model's tokenizer)."""
-    import idlelib
+    try:
+        import idlelib
+    except ImportError:  # some distributions package IDLE apart (Debian: idle-python3.x)
+        raise RopeSearchError("haystack 'idle' needs Python's idlelib, which this Python lacks "
+                              "(Debian: apt-get install idle); choose another haystack") from None  # fmt: skip
 
     folder = Path(idlelib.__file__).parent
     texts = []

