@@ -23,10 +23,11 @@ from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.models import load_config
 from fitness.scoring import fitness_of
 from search.config import SearchConfig
-from search.evolution import DUPLICATE, ERROR, NO_SLOT, SLOT, EvolutionarySampler
+from search.evolution import EvolutionarySampler
 from search.guard import SHORT_COST, best_trial, record_cost
-from search.liveness import DRIVER, Heartbeat, fail_interrupted
+from search.liveness import Heartbeat, fail_interrupted
 from search.pruning import make_pruner
+from search.slots import DRIVER, ERROR, GenerationSlots, NoSlots
 from search.space import RopeSpace
 from search.storage import open_storage
 from search.workers import Job, make_pool
@@ -41,27 +42,26 @@ class SearchContext:
     geometry: RopeGeometry
     target: int
     space: RopeSpace
-    sampler: optuna.samplers.BaseSampler
+    sampler: optuna.samplers.BaseSampler  # called by the study only
+    slots: GenerationSlots | NoSlots  # what the driver asks: which trials to score next, how many in all
     study: optuna.Study
     driver_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
-
-    @property
-    def evolutionary(self) -> bool:
-        return isinstance(self.sampler, EvolutionarySampler)
 
     def candidate(self, params: dict) -> RopeCandidate:
         return self.space.decode(params)
 
 
-def make_sampler(config: SearchConfig, space: RopeSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(config: SearchConfig, space: RopeSpace) -> tuple[optuna.samplers.BaseSampler, GenerationSlots | NoSlots]:
+    """The study's sampler and the slot book the driver asks (the evolution fills slots; the others don't)."""
     settings = config.sampler
     if settings.name == "evolution":
-        return EvolutionarySampler(space, settings.evolution, seed=settings.seed)
+        sampler = EvolutionarySampler(space, settings.evolution, seed=settings.seed)
+        return sampler, sampler.slots
     if settings.name == "tpe":
-        return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True), NoSlots()
     if settings.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=settings.seed)
-    return optuna.samplers.RandomSampler(seed=settings.seed)
+        return optuna.samplers.CmaEsSampler(seed=settings.seed), NoSlots()
+    return optuna.samplers.RandomSampler(seed=settings.seed), NoSlots()
 
 
 def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchContext:
@@ -69,7 +69,7 @@ def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchCon
     geometry = geometry_from_config(load_config(config.model.name))
     target = config.target(geometry.original_window)
     space = RopeSpace(geometry, target, config.space)
-    sampler = make_sampler(config, space)
+    sampler, slots = make_sampler(config, space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
         storage=storage or open_storage(config.storage, run_dir),
@@ -77,7 +77,7 @@ def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchCon
         sampler=sampler,
         pruner=make_pruner(config.pruning),
     )
-    return SearchContext(run_dir, config, geometry, target, space, sampler, study)
+    return SearchContext(run_dir, config, geometry, target, space, sampler, slots, study)
 
 
 # ---------------------------------------------------------------- asking
@@ -101,66 +101,18 @@ def _first_stage(ctx: SearchContext) -> list[int] | None:
 
 
 def next_jobs(ctx: SearchContext, limit: int) -> list[Job] | None:
-    """Ask up to `limit` trials and group them into jobs of `candidates_per_forward`.
-
-    Evolution: open slots of the current generation, a whole group of slots at a time (a group is always
-    scored together, so its numbers never depend on which slots a crash left open, or on which driver
-    took them). None: nothing can be asked now (the search is finished, or its generation is being
-    finished here or by another driver)."""
+    """Ask up to `limit` trials, in jobs of `candidates_per_forward`, as the slot book hands them out.
+    None: nothing can be asked now (the search is finished, or its generation is being finished here or
+    by another driver)."""
     k = ctx.config.workers.candidates_per_forward
-    if not ctx.evolutionary:
-        # Optuna's own samplers: `limit` (at most one job's worth) trials, so each ask sees the latest tells
-        asked = [Asked(t, ctx.candidate(t.params)) for t in (_ask(ctx) for _ in range(limit))]
-        return [Job(asked, [a.candidate for a in asked], _first_stage(ctx))]
-    sampler: EvolutionarySampler = ctx.sampler
-    state = sampler.state(ctx.study)
-    if not state.open_slots:
+    groups = ctx.slots.take(ctx.study, lambda: _ask(ctx), limit, k, pruning=_first_stage(ctx) is not None)
+    if groups is None:
         return None
-    by_slot = {}
-    for _ in _whole_groups(state.open_slots, k, limit):
-        trial = _ask(ctx)
-        _, slot = ctx.study._storage.get_trial_system_attrs(trial._trial_id)[SLOT]
-        if slot == NO_SLOT:
-            ctx.study._storage.set_trial_system_attr(trial._trial_id, ERROR, f"{DUPLICATE}: no open slot left")
-            ctx.study.tell(trial, state=TrialState.FAIL)
-            break
-        by_slot[slot] = trial
-    drop_duplicates(ctx, state.generation, by_slot)
-    if not by_slot:
-        return None
-    proposals = sampler.proposals(ctx.study, state.generation)
-    pruned = sampler.pruned_slots(ctx.study, state.generation) if _first_stage(ctx) else set()
     jobs = []
-    for group in sorted({slot // k for slot in by_slot}):
-        slots = range(group * k, min((group + 1) * k, len(proposals)))
-        asked = [Asked(by_slot.get(s), ctx.candidate(proposals[s]), goes_on=s not in pruned) for s in slots]
+    for group in groups:
+        asked = [Asked(t.trial, ctx.candidate(t.params), goes_on=t.goes_on) for t in group]
         jobs.append(Job(asked, [a.candidate for a in asked], _first_stage(ctx)))
     return jobs
-
-
-def _whole_groups(open_slots: list[int], k: int, limit: int) -> list[int]:
-    """Open slots of the first groups of k slots: whole groups while they fit in `limit` (and at least
-    part of one), so a driver does not score slots it has not asked, only to see them asked again."""
-    groups: dict[int, list[int]] = {}
-    for slot in open_slots:
-        groups.setdefault(slot // k, []).append(slot)
-    taken: list[int] = []
-    for slots in groups.values():
-        if taken and len(taken) + len(slots) > limit:
-            break
-        taken += slots[: limit - len(taken)]
-    return taken
-
-
-def drop_duplicates(ctx: SearchContext, generation: int, by_slot: dict) -> None:
-    """Two drivers may take the same slot at the same moment; the lower trial number keeps it."""
-    states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-    for trial in ctx.study.get_trials(deepcopy=False, states=states):
-        slot = EvolutionarySampler.slot_of(trial)
-        if slot and slot[0] == generation and slot[1] in by_slot and trial.number < by_slot[slot[1]].number:
-            mine = by_slot.pop(slot[1])
-            ctx.study._storage.set_trial_system_attr(mine._trial_id, ERROR, f"{DUPLICATE} of trial {trial.number}")
-            ctx.study.tell(mine, state=TrialState.FAIL)
 
 
 # ---------------------------------------------------------------- telling
@@ -232,10 +184,7 @@ def completed(ctx: SearchContext) -> int:
 
 
 def total_budget(ctx: SearchContext) -> int | None:
-    budgets = [ctx.config.budget.evaluations]
-    if ctx.evolutionary:
-        budgets.append(ctx.sampler.total_evaluations)
-    budgets = [b for b in budgets if b is not None]
+    budgets = [b for b in (ctx.config.budget.evaluations, ctx.slots.total) if b is not None]
     return min(budgets) if budgets else None
 
 
@@ -321,7 +270,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
             jobs: deque = deque()
             ask(jobs)
             if not jobs:
-                if room() == 0 or not ctx.evolutionary or ctx.sampler.state(ctx.study).finished:
+                if room() == 0 or ctx.slots.finished(ctx.study):
                     break
                 time.sleep(1.0)  # another driver is finishing this generation
                 heartbeat()
@@ -393,15 +342,3 @@ def write_best(ctx: SearchContext) -> RopeCandidate | None:
     candidate.save(tmp)
     os.replace(tmp, path)
     return candidate
-
-
-def history(study: optuna.Study) -> list[dict]:
-    """The settled evaluations in (generation, slot) order: what a resumed run must reproduce."""
-    rows = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        slot = EvolutionarySampler.slot_of(trial)
-        row = {"slot": list(slot) if slot else [trial.number], "params": trial.params, "value": trial.value}
-        if trial.state == TrialState.PRUNED:
-            row["pruned_at"] = trial.last_step
-        rows.append(row)
-    return sorted(rows, key=lambda row: row["slot"])

@@ -5,28 +5,21 @@ pair of the range) and random points. Each later generation is `mutations + cros
 of the best `parents` found so far. Every trial is a (generation, slot) pair stored in its system
 attributes; the proposals of generation g are a pure function of the seed, g and the finished
 trials of earlier generations, so they need no RNG state to resume and do not depend on how many
-workers score them or how often the driver was killed.
+workers score them or how often the driver was killed. The slots themselves are kept by
+`search.slots`; only the study calls this sampler.
 """
 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
-from dataclasses import dataclass
 
 from optuna.samplers import BaseSampler, RandomSampler
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.factors import baseline
-from search.guard import rank
+from search.slots import NO_SLOT, GenerationSlots, finished_history, pruned_before
 from search.space import RopeSpace
-
-SLOT = "ropesearch:slot"  # [generation, slot], one attribute: other drivers never see half of it
-ERROR = "ropesearch:error"
-INTERRUPTED = "interrupted"  # a trial whose driver died: its slot is asked again, and it is no attempt
-DUPLICATE = "duplicate"  # a slot two drivers took at once: the later trial steps back, no attempt either
-NO_SLOT = -1  # asked when another driver had just taken the last open slot
 
 
 class EvolutionSettings(BaseModel):
@@ -49,88 +42,21 @@ class EvolutionSettings(BaseModel):
         return self
 
 
-@dataclass
-class SlotState:
-    generation: int  # the first generation with unsettled slots (== generations when the search is done)
-    open_slots: list[int]  # slots to ask now
-    running: int  # slots being evaluated (here or by another driver)
-
-    @property
-    def finished(self) -> bool:
-        return not self.open_slots and not self.running
-
-
 class EvolutionarySampler(BaseSampler):
     def __init__(self, space: RopeSpace, settings: EvolutionSettings, seed: int = 0):
         self.space, self.settings, self.seed = space, settings, seed
         self._proposals: dict[int, list[dict]] = {}
         self._assigned: dict[int, tuple[int, int]] = {}
         self._fallback = RandomSampler(seed=seed)
-
-    # ---------------------------------------------------------------- bookkeeping
-    def generation_size(self, generation: int) -> int:
-        return self.settings.population if generation == 0 else self.settings.mutations + self.settings.crossovers
-
-    @property
-    def total_evaluations(self) -> int:
-        return sum(self.generation_size(g) for g in range(self.settings.generations))
-
-    @staticmethod
-    def slot_of(trial: FrozenTrial) -> tuple[int, int] | None:
-        attrs = trial.system_attrs
-        return tuple(attrs[SLOT]) if SLOT in attrs else None
-
-    def _by_slot(self, trials: list[FrozenTrial]) -> dict[tuple[int, int], list[FrozenTrial]]:
-        by_slot = defaultdict(list)
-        for trial in trials:
-            if (slot := self.slot_of(trial)) is not None:
-                by_slot[slot].append(trial)
-        return by_slot
-
-    def state(self, study) -> SlotState:
-        by_slot = self._by_slot(study.get_trials(deepcopy=False))
-        for generation in range(self.settings.generations):
-            open_slots, running = [], 0
-            for slot in range(self.generation_size(generation)):
-                trials = by_slot.get((generation, slot), [])
-                states = {t.state for t in trials}
-                if states & {TrialState.COMPLETE, TrialState.PRUNED}:
-                    continue
-                if states & {TrialState.RUNNING, TrialState.WAITING}:
-                    running += 1
-                    continue
-                failures = [
-                    t for t in trials if not str(t.system_attrs.get(ERROR, "")).startswith((INTERRUPTED, DUPLICATE))
-                ]
-                if len(failures) < self.settings.max_attempts:
-                    open_slots.append(slot)
-            if open_slots or running:
-                return SlotState(generation, open_slots, running)
-        return SlotState(self.settings.generations, [], 0)
-
-    def pruned_slots(self, study, generation: int) -> set[int]:
-        trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        return {slot[1] for t in trials if (slot := self.slot_of(t)) and slot[0] == generation}
-
-    def finished_history(self, study, before_generation: int) -> list[FrozenTrial]:
-        """One finished trial per slot of the generations before `before_generation`, best first."""
-        chosen: dict[tuple[int, int], FrozenTrial] = {}
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            slot = self.slot_of(trial)
-            if slot and slot[0] < before_generation and (slot not in chosen or trial.number < chosen[slot].number):
-                chosen[slot] = trial
-        return sorted(chosen.values(), key=lambda t: (*rank(t), self.slot_of(t)))  # feasible first
+        # the book of slots the driver asks; the sampler itself only learns which slot a new trial fills
+        self.slots = GenerationSlots(settings, self.proposals)
 
     # ---------------------------------------------------------------- the Optuna sampler interface
     def infer_relative_search_space(self, study, trial):
         return self.space.distributions()
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
-        state = self.state(study)
-        # another driver may have taken the last open slots since this one looked: slot -1 says "none left"
-        assigned = (state.generation, state.open_slots[0] if state.open_slots else NO_SLOT)
-        study._storage.set_trial_system_attr(trial._trial_id, SLOT, list(assigned))
-        self._assigned[trial._trial_id] = assigned
+        self._assigned[trial._trial_id] = self.slots.assign(study, trial._trial_id)
 
     def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
         generation, slot = self._assigned.pop(trial._trial_id)
@@ -142,8 +68,9 @@ class EvolutionarySampler(BaseSampler):
     # ---------------------------------------------------------------- proposals
     def proposals(self, study, generation: int) -> list[dict]:
         if generation not in self._proposals:
-            history = self.finished_history(study, generation)
-            seen = {self.space.key(t.params) for t in history} | self._pruned_keys(study, generation)
+            history = finished_history(study, generation)
+            pruned = pruned_before(study, generation)  # never proposed again either
+            seen = {self.space.key(t.params) for t in history} | {self.space.key(t.params) for t in pruned}
             rng = random.Random(f"evolution:{self.seed}:{generation}")
             if generation == 0:
                 children = self._initial_population(rng, seen)
@@ -151,11 +78,6 @@ class EvolutionarySampler(BaseSampler):
                 children = self._children(rng, history, seen)
             self._proposals[generation] = children
         return self._proposals[generation]
-
-    def _pruned_keys(self, study, before_generation: int) -> set:
-        """Candidates pruned in earlier generations: never proposed again either."""
-        trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        return {self.space.key(t.params) for t in trials if (slot := self.slot_of(t)) and slot[0] < before_generation}
 
     def _novel(self, params: dict, seen: set) -> dict | None:
         params = self.space.repair(params)
@@ -209,7 +131,7 @@ class EvolutionarySampler(BaseSampler):
 
     def _children(self, rng: random.Random, history: list[FrozenTrial], seen: set) -> list[dict]:
         if not history:  # everything so far failed: start again from random points
-            return self._fill(rng, lambda: self._random(rng), self.generation_size(1), seen)
+            return self._fill(rng, lambda: self._random(rng), self.slots.generation_size(1), seen)
         parents = [self.space.repair(t.params) for t in history[: self.settings.parents]]
         mutants = self._fill(rng, lambda: self._mutate(rng, rng.choice(parents)), self.settings.mutations, seen)
         crossed = self._fill(

@@ -14,9 +14,8 @@ import time
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from search.evolution import ERROR, INTERRUPTED
+from search.slots import DRIVER, ERROR, INTERRUPTED
 
-DRIVER = "ropesearch:driver"  # the trial attribute naming the driver that asked it: host:pid:start
 HEARTBEAT_GRACE_S = 120.0
 
 

@@ -19,7 +19,7 @@ from optuna.pruners import BasePruner, NopPruner
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
-from search.evolution import EvolutionarySampler
+from search.slots import is_earlier
 
 
 class PruningSettings(BaseModel):
@@ -49,7 +49,7 @@ class EarlierTrialsPruner(BasePruner):
         reference = [
             t.intermediate_values[step]
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if step in t.intermediate_values and _earlier(t, trial)
+            if step in t.intermediate_values and is_earlier(t, trial)
         ]
         if len(reference) < max(self.min_reference, self.keep_best or 0):
             return False
@@ -58,13 +58,6 @@ class EarlierTrialsPruner(BasePruner):
         else:
             threshold = np.percentile(reference, self.keep_percentile)
         return trial.intermediate_values[step] > threshold
-
-
-def _earlier(other: FrozenTrial, trial: FrozenTrial) -> bool:
-    mine, theirs = EvolutionarySampler.slot_of(trial), EvolutionarySampler.slot_of(other)
-    if mine is not None and theirs is not None:
-        return theirs[0] < mine[0]
-    return other.number < trial.number
 
 
 PRUNERS = {

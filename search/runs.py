@@ -242,7 +242,7 @@ def _finish_run(ctx: driver.SearchContext, summary: dict, stop_after: int | None
 def status(run_dir: Path) -> str:
     config = load(run_dir)
     ctx = open_run(Path(run_dir), config, read_only=True)
-    state = ctx.sampler.state(ctx.study) if ctx.evolutionary else None
+    state = ctx.slots.state(ctx.study)
     text = report.format_status(ctx.study, ctx.study.user_attrs.get("baselines", {}), driver.total_budget(ctx), state)
     if config.pruning.name != "none":
         text += "\n" + report.format_pruning(saved_scorings(ctx.study, config.pruning, config.needles.documents))

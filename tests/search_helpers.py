@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from optuna.trial import TrialState
 
 from search import driver, runs
+from search.slots import slot_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,19 @@ def write_config(tmp_path, **changes):
 
 def history_of(run_dir):
     config = runs.load(run_dir)
-    return driver.history(driver.open_context(Path(run_dir), config).study)
+    return history(driver.open_context(Path(run_dir), config).study)
+
+
+def history(study) -> list[dict]:
+    """The settled evaluations in (generation, slot) order: what a resumed run must reproduce."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        slot = slot_of(trial)
+        row = {"slot": list(slot) if slot else [trial.number], "params": trial.params, "value": trial.value}
+        if trial.state == TrialState.PRUNED:
+            row["pruned_at"] = trial.last_step
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["slot"])
 
 
 def completed_in(db: Path) -> int:

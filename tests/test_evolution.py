@@ -7,7 +7,8 @@ import pytest
 from optuna.trial import TrialState
 
 from fitness.geometry import RopeGeometry
-from search.evolution import ERROR, INTERRUPTED, EvolutionarySampler, EvolutionSettings
+from search.evolution import EvolutionarySampler, EvolutionSettings
+from search.slots import ERROR, INTERRUPTED, slot_of
 from search.space import RopeSpace, SpaceSettings
 
 GEOMETRY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
@@ -26,7 +27,7 @@ def run_study(tmp_path, name, seed=0, settings=SETTINGS, storage=None):
     sampler = EvolutionarySampler(space, settings, seed=seed)
     storage = storage or f"sqlite:///{tmp_path / (name + '.db')}"
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True)
-    while not (state := sampler.state(study)).finished:
+    while not (state := sampler.slots.state(study)).finished:
         for _ in state.open_slots:
             trial = study.ask(space.distributions())
             study.tell(trial, objective(space.decode(trial.params)))
@@ -36,7 +37,7 @@ def run_study(tmp_path, name, seed=0, settings=SETTINGS, storage=None):
 def signature(study):
     rows = []
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        rows.append((EvolutionarySampler.slot_of(t), tuple(sorted(t.params.items())), t.value))
+        rows.append((slot_of(t), tuple(sorted(t.params.items())), t.value))
     return sorted(rows)
 
 
@@ -44,7 +45,7 @@ def test_generations_and_determinism(tmp_path):
     first, sampler, space = run_study(tmp_path, "a")
     second, _, _ = run_study(tmp_path, "b")
     other, _, _ = run_study(tmp_path, "c", seed=1)
-    assert len(first.trials) == sampler.total_evaluations == 12 + 3 * 6
+    assert len(first.trials) == sampler.slots.total == 12 + 3 * 6
     assert signature(first) == signature(second)
     assert signature(first) != signature(other)
 
@@ -59,7 +60,7 @@ def test_seeds_come_first_and_children_improve(tmp_path):
     study, sampler, space = run_study(tmp_path, "e", settings=SETTINGS.model_copy(update={"generations": 8}))
     by_generation = {}
     for t in study.trials:
-        by_generation.setdefault(EvolutionarySampler.slot_of(t)[0], []).append(t.value)
+        by_generation.setdefault(slot_of(t)[0], []).append(t.value)
     assert min(by_generation[7]) <= min(by_generation[0])
     first = study.trials[0]
     assert space.key(first.params) == space.key(sampler.seeds()[0])
@@ -70,16 +71,16 @@ def test_failed_slots_are_retried_then_given_up_and_interrupted_ones_are_no_atte
     sampler = EvolutionarySampler(space, SETTINGS, seed=0)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="f", sampler=sampler)
     trial = study.ask(space.distributions())
-    assert sampler.state(study).running == 1 and 0 not in sampler.state(study).open_slots
+    assert sampler.slots.state(study).running == 1 and 0 not in sampler.slots.state(study).open_slots
     study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
     study.tell(trial, state=TrialState.FAIL)
     for attempt in range(SETTINGS.max_attempts):
-        assert sampler.state(study).open_slots[0] == 0
+        assert sampler.slots.state(study).open_slots[0] == 0
         again = study.ask(space.distributions())
         assert again.params == trial.params  # the same proposal for the same slot
         study._storage.set_trial_system_attr(again._trial_id, ERROR, "RuntimeError: boom")
         study.tell(again, state=TrialState.FAIL)
-    assert 0 not in sampler.state(study).open_slots  # given up after max_attempts real failures
+    assert 0 not in sampler.slots.state(study).open_slots  # given up after max_attempts real failures
 
 
 def test_journal_storage_works_too(tmp_path):

@@ -19,16 +19,15 @@ from optuna.trial import TrialState
 
 from search import driver, runs
 from search.cli import main
-from search.evolution import EvolutionarySampler
-from search.liveness import DRIVER
+from search.slots import DRIVER, slot_of
 from search.storage import open_storage
-from tests.search_helpers import completed_in, history_of, launch, write_config
+from tests.search_helpers import completed_in, history, history_of, launch, write_config
 
 TOTAL = 8 + 3 * 4  # the small config's evaluations
 
 
 def one_complete_per_slot(study: optuna.Study, total: int = TOTAL) -> None:
-    slots = [EvolutionarySampler.slot_of(t) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    slots = [slot_of(t) for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert len(slots) == len(set(slots)) == total
 
 
@@ -169,7 +168,7 @@ def test_two_drivers_share_one_study(tmp_path, reference_history, backend):
         assert process.wait(timeout=600) == 0, process.stderr.read().decode()[-2000:]
     study = optuna.load_study(study_name=name, storage=open_storage(url, tmp_path))
     one_complete_per_slot(study, total=8 + 11 * 4)
-    assert driver.history(study)[:TOTAL] == reference_history[0]
+    assert history(study)[:TOTAL] == reference_history[0]
     drivers_seen = {t.system_attrs.get(DRIVER) for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert len(drivers_seen) == 2  # both drivers really evaluated
 

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import driver, report, runs
-from search.evolution import SLOT
+from search.slots import SLOT, slot_of
 from search.pruning import PruningSettings, make_pruner
 from tests.search_helpers import completed_in, history_of, launch, write_config
 
@@ -65,7 +65,7 @@ def test_each_decision_follows_the_earlier_generations(pruned_run):
     """Pruned exactly when the first-stage PPL is worse than the median of earlier generations' (>= 4 of them)."""
     run_dir, _ = pruned_run
     ctx, trials = settled_trials(run_dir)
-    slot = ctx.sampler.slot_of
+    slot = slot_of
     for trial in trials:
         earlier = [t.intermediate_values[FIRST] for t in trials if slot(t)[0] < slot(trial)[0]]
         worse = len(earlier) >= 4 and trial.intermediate_values[FIRST] > np.percentile(earlier, 50)
