@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.output import emit  # noqa: E402
 from search import driver, runs  # noqa: E402
-from search.workers import ScoringWorker  # noqa: E402
+from search.workers import Batch, ScoringWorker, WorkerSetup  # noqa: E402
 
 
 def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
@@ -41,10 +41,9 @@ def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
 
 
 def in_process(config, candidates, target: int) -> dict:
-    worker = ScoringWorker(config.model.model_dump(), config.needles.model_dump(), target,
-                           config.workers.documents_per_forward)  # fmt: skip
+    worker = ScoringWorker(WorkerSetup(config.model, config.needles, target, config.workers.documents_per_forward))
     k = config.workers.candidates_per_forward
-    batches = [[c.model_dump_json() for c in candidates[i : i + k]] for i in range(0, len(candidates), k)]
+    batches = [Batch(tuple(candidates[i : i + k])) for i in range(0, len(candidates), k)]
     worker.score(batches[0])  # warm-up
     start = time.perf_counter()
     for batch in batches:

@@ -82,8 +82,19 @@ def _rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
+_PINNED = "_ropesearch_geometry"
+
+
+def pin_geometry(model: nn.Module) -> RopeGeometry:
+    """Read the geometry once for a model whose config will not change (a scoring worker's), so every
+    batch it applies reuses it instead of parsing the config again."""
+    geometry = geometry_from_config(model.config)
+    object.__setattr__(model, _PINNED, geometry)  # a plain attribute: not a module, parameter or buffer
+    return geometry
+
+
 def model_geometry(model: nn.Module) -> RopeGeometry:
-    return geometry_from_config(model.config)
+    return getattr(model, _PINNED, None) or geometry_from_config(model.config)
 
 
 class AppliedCandidates:

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.models import load_config
-from fitness.scoring import fitness_of
 from search.config import SearchConfig
 from search.evolution import EvolutionarySampler
 from search.guard import SHORT_COST, best_trial, record_cost
@@ -30,7 +29,7 @@ from search.pruning import make_pruner
 from search.slots import DRIVER, ERROR, GenerationSlots, NoSlots
 from search.space import RopeSpace
 from search.storage import open_storage
-from search.workers import Job, make_pool
+from search.workers import CandidateScore, Job, WorkerSetup, make_pool
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Asked:
     trial: optuna.Trial | None  # None: a slot already settled, scored again only to keep the batch identical
     candidate: RopeCandidate
     goes_on: bool = True  # under pruning: this row is also in the group's second stage
-    first_stage: dict | None = None  # under pruning: its score on the first-stage documents
+    first_stage: CandidateScore | None = None  # under pruning: its score on the first-stage documents
 
 
 def _ask(ctx: SearchContext) -> optuna.Trial:
@@ -116,34 +115,28 @@ def next_jobs(ctx: SearchContext, limit: int) -> list[Job] | None:
 
 
 # ---------------------------------------------------------------- telling
-def record(ctx: SearchContext, asked: Asked, score: dict | None, error: str | None) -> bool:
+def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error: str | None) -> bool:
     """Commit one evaluation to storage. True if it counts as a completed evaluation."""
     if asked.trial is None:
         return False
     storage, trial_id = ctx.study._storage, asked.trial._trial_id
     if error is None and asked.first_stage is not None:
-        score = _joined(asked.first_stage, score)
-    if error is None and not (score["fitness"] == score["fitness"]):  # NaN fitness is a failed evaluation
+        score = asked.first_stage.then(score)
+    if error is None and not (score.fitness == score.fitness):  # NaN fitness is a failed evaluation
         error = "fitness is NaN"
     if error is not None:
         storage.set_trial_system_attr(trial_id, ERROR, error[:500])
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
     _keep_scores(ctx, trial_id, score)
-    record_cost(storage, trial_id, score.get(SHORT_COST), ctx.config.short_guard)  # before tell: samplers read it
-    ctx.study.tell(asked.trial, score["fitness"])
+    record_cost(storage, trial_id, score.short_cost, ctx.config.short_guard)  # before tell: samplers read it
+    ctx.study.tell(asked.trial, score.fitness)
     return True
 
 
-def _keep_scores(ctx: SearchContext, trial_id: int, score: dict) -> None:
+def _keep_scores(ctx: SearchContext, trial_id: int, score: CandidateScore) -> None:
     for key in ("retrieval", "seconds", "document_nll"):
-        ctx.study._storage.set_trial_user_attr(trial_id, key, score[key])
-
-
-def _joined(first: dict, second: dict) -> dict:
-    score = fitness_of(first["document_nll"] + second["document_nll"],
-                       first["document_exact"] + second["document_exact"]).to_dict()  # fmt: skip
-    return {**score, "seconds": first["seconds"] + second["seconds"], SHORT_COST: first.get(SHORT_COST)}
+        ctx.study._storage.set_trial_user_attr(trial_id, key, getattr(score, key))
 
 
 def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
@@ -154,9 +147,9 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
     pruned = 0
     for asked, score in zip(outcome.job.tag, outcome.scores):
         asked.first_stage = score
-        if asked.trial is None or score["fitness"] != score["fitness"]:
+        if asked.trial is None or score.fitness != score.fitness:
             continue
-        asked.trial.report(score["fitness"], step=len(outcome.job.documents))
+        asked.trial.report(score.fitness, step=len(outcome.job.documents))
         if asked.trial.should_prune():
             _keep_scores(ctx, asked.trial._trial_id, score)
             ctx.study.tell(asked.trial, state=TrialState.PRUNED)
@@ -215,8 +208,10 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
     results = {}
     for outcome in pool.run(deque(Job(name, [c]) for name, c in zip(ctx.config.baselines, candidates))):
         if outcome.error is None:
-            results[outcome.job.tag] = {k: outcome.scores[0][k] for k in ("fitness", "retrieval", SHORT_COST)
-                                        if k in outcome.scores[0]}  # fmt: skip
+            score = outcome.scores[0]
+            results[outcome.job.tag] = {"fitness": score.fitness, "retrieval": score.retrieval}
+            if score.short_cost is not None:  # measured only under the guard
+                results[outcome.job.tag][SHORT_COST] = score.short_cost
     ctx.study.set_user_attr("baselines", results)
     return results
 
@@ -231,8 +226,9 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     fail_interrupted(ctx.study, ctx.driver_id)
     heartbeat = Heartbeat(ctx.study, ctx.driver_id)
     heartbeat()
-    model, needles = config.model.model_dump(), config.needles.model_dump()
-    pool = make_pool(config.workers, model, needles, ctx.target, config.short_guard.model_dump())
+    setup = WorkerSetup(config.model, config.needles, ctx.target, config.workers.documents_per_forward,
+                        config.short_guard)  # fmt: skip
+    pool = make_pool(config.workers, setup)
     started, evaluated = time.time(), 0
     budget = total_budget(ctx)
     k, capacity = config.workers.candidates_per_forward, config.workers.count * config.workers.in_flight

@@ -5,6 +5,9 @@ existing one by address), replaces an actor that dies and re-runs its batch; `Lo
 in this process (tests, notebooks, and the reference for Ray's overhead). Both take jobs from a
 deque that the caller may extend while results come back, and hand back results in completion
 order; a batch that fails comes back as an error string, never as an exception that stops the search.
+
+What crosses to a worker is typed and already validated: `WorkerSetup` once per worker, a `Batch`
+(candidates and documents) per job, and a list of `CandidateScore` back; Ray pickles them as they are.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from fitness.general_text import candidate_perplexities, haystack_windows, perpl
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
-from fitness.scoring import score_candidates
-from search.guard import SHORT_COST, ShortGuardSettings
+from fitness.patch import pin_geometry
+from fitness.scoring import Score, fitness_of, score_candidates
+from search.guard import ShortGuardSettings
 
 log = logging.getLogger("ropesearch")
 RAY_CONNECT_TIMEOUT_S = 5.0  # Ray itself retries a dead address for about a minute, silently
@@ -63,67 +67,109 @@ class WorkerSettings(BaseModel):
     in_flight: int = Field(default=2, gt=0)  # batches queued per worker: hides the driver's time between them
 
 
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker is built from, validated once by the config on the driver's side."""
+
+    model: ModelSettings
+    needles: NeedleSettings
+    length: int  # the target window the needle documents are built at
+    documents_per_forward: int = 1
+    guard: ShortGuardSettings | None = None  # the short-window guard's text and length; None: not measured
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One job as it goes to a worker: candidates scored together, on all documents or the given ones."""
+
+    candidates: tuple[RopeCandidate, ...]
+    documents: list[int] | None = None
+
+
+@dataclass
+class CandidateScore:
+    """One candidate's score as it comes back from a worker."""
+
+    fitness: float  # needle PPL: exp(mean over documents of the mean answer-token NLL)
+    retrieval: float
+    document_nll: list[float]
+    document_exact: list[bool]
+    seconds: float  # the batch's time, shared evenly by its candidates
+    short_cost: float | None = None  # search.guard.SHORT_COST; None: not measured (off, or a second stage)
+
+    @classmethod
+    def of(cls, score: Score, seconds: float, short_cost: float | None = None) -> "CandidateScore":
+        return cls(score.fitness, score.retrieval, score.document_nll, score.document_exact, seconds, short_cost)
+
+    def then(self, second: "CandidateScore") -> "CandidateScore":
+        """This first-stage score joined with the same candidate's score on the remaining documents."""
+        joined = fitness_of(self.document_nll + second.document_nll, self.document_exact + second.document_exact)
+        return CandidateScore.of(joined, self.seconds + second.seconds, self.short_cost)
+
+
 class ScoringWorker:
     """One model replica and its needle set; scores batches of candidates."""
 
-    def __init__(self, model: dict, needles: dict, length: int, documents_per_forward: int = 1,
-                 guard: dict | None = None):  # fmt: skip
-        self.model, self.tokenizer = load_model(ModelSettings(**model))
-        settings = NeedleSettings(**needles)
-        self.needles = build_needle_set(self.tokenizer, settings, length)
-        self.documents_per_forward = documents_per_forward
+    def __init__(self, setup: WorkerSetup):
+        self.model, self.tokenizer = load_model(setup.model)
+        pin_geometry(self.model)  # its config never changes here: read the geometry once, not per batch
+        self.needles = build_needle_set(self.tokenizer, setup.needles, setup.length)
+        self.documents_per_forward = setup.documents_per_forward
         self.guard_windows, self.guard_base = None, None
-        if guard is not None:  # the short-window guard's text: plain haystack at a short length
+        if setup.guard is not None:  # the short-window guard's text: plain haystack at a short length
             window = geometry_from_config(self.model.config).original_window
-            guard = ShortGuardSettings(**guard)
-            self.guard_windows = haystack_windows(self.tokenizer, settings.haystack, guard.length or window,
-                                                  guard.windows)  # fmt: skip
+            self.guard_windows = haystack_windows(self.tokenizer, setup.needles.haystack,
+                                                  setup.guard.length or window, setup.guard.windows)  # fmt: skip
             self.guard_base = perplexity(self.model, self.guard_windows)
 
     def info(self) -> dict:
         device = next(self.model.parameters()).device
         return {"pid": os.getpid(), "device": str(device), "documents": len(self.needles)}
 
-    def score(self, candidates: list[str], documents: list[int] | None = None) -> list[dict]:
-        """Scores of candidates (as JSON) on all documents, or on the given subset."""
+    def score(self, batch: Batch) -> list[CandidateScore]:
+        """Scores of the batch's candidates on its documents (all when None)."""
+        documents, candidates = batch.documents, list(batch.candidates)
         needles = self.needles if documents is None else self.needles.subset(documents)
-        parsed = [RopeCandidate.model_validate_json(c) for c in candidates]
         started = time.perf_counter()
-        scores = [s.to_dict() for s in score_candidates(self.model, needles, parsed, self.documents_per_forward)]
+        scores = score_candidates(self.model, needles, candidates, self.documents_per_forward)
+        costs = [None] * len(scores)
         if self.guard_windows is not None and (documents is None or 0 in documents):  # not again in a 2nd stage
-            costs = candidate_perplexities(self.model, self.guard_windows, parsed)
-            scores = [{**s, SHORT_COST: ppl / self.guard_base - 1} for s, ppl in zip(scores, costs)]
-        seconds = time.perf_counter() - started
-        return [{**s, "seconds": seconds / len(parsed)} for s in scores]
+            costs = [ppl / self.guard_base - 1 for ppl in candidate_perplexities(self.model, self.guard_windows,
+                                                                                  candidates)]  # fmt: skip
+        seconds = (time.perf_counter() - started) / len(candidates)
+        return [CandidateScore.of(s, seconds, cost) for s, cost in zip(scores, costs)]
 
 
 @dataclass
 class Job:
-    """A batch of candidates to score; `tag` is the caller's."""
+    """A batch of candidates to score; `tag` is the caller's and stays on the caller's side."""
 
     tag: object
     candidates: Sequence[RopeCandidate]
     documents: list[int] | None = None
 
+    def batch(self) -> Batch:
+        return Batch(tuple(self.candidates), self.documents)
+
 
 @dataclass
 class Outcome:
     job: Job
-    scores: list[dict] | None
+    scores: list[CandidateScore] | None
     error: str | None = None
 
 
 class LocalPool:
     """One worker in this process."""
 
-    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int, guard: dict | None = None):
-        self.worker = ScoringWorker(model, needles, length, settings.documents_per_forward, guard)
+    def __init__(self, settings: WorkerSettings, setup: WorkerSetup):
+        self.worker = ScoringWorker(setup)
 
     def run(self, jobs: deque[Job]) -> Iterator[Outcome]:
         while jobs:
             job = jobs.popleft()
             try:
-                yield Outcome(job, self.worker.score([c.model_dump_json() for c in job.candidates], job.documents))
+                yield Outcome(job, self.worker.score(job.batch()))
             except Exception as err:  # one failed batch never stops the search
                 yield Outcome(job, None, f"{type(err).__name__}: {err}")
 
@@ -134,7 +180,7 @@ class LocalPool:
 class RayPool:
     """`settings.count` Ray actors; the driver reads like the local version."""
 
-    def __init__(self, settings: WorkerSettings, model: dict, needles: dict, length: int, guard: dict | None = None):
+    def __init__(self, settings: WorkerSettings, setup: WorkerSetup):
         import ray
 
         self.ray, self.settings = ray, settings
@@ -155,12 +201,12 @@ class RayPool:
         self.actor_class = ray.remote(ScoringWorker).options(
             num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker, max_restarts=0
         )
-        self.args = (model, needles, length, settings.documents_per_forward, guard)
+        self.setup = setup
         self.actors = [self._start() for _ in range(settings.count)]
         ray.get([a.info.remote() for a in self.actors])  # fail here, clearly, if a worker cannot load
 
     def _start(self):
-        return self.actor_class.remote(*self.args)
+        return self.actor_class.remote(self.setup)
 
     def run(self, jobs: deque[Job]) -> Iterator[Outcome]:
         """Keep `in_flight` jobs queued on every actor, so a GPU never waits for the driver's bookkeeping."""
@@ -172,8 +218,7 @@ class RayPool:
             for index in range(len(self.actors)):
                 while queue and busy[index] < self.settings.in_flight:
                     job = queue.popleft()
-                    payload = [c.model_dump_json() for c in job.candidates]
-                    pending[self.actors[index].score.remote(payload, job.documents)] = (index, self.actors[index], job)
+                    pending[self.actors[index].score.remote(job.batch())] = (index, self.actors[index], job)
                     busy[index] += 1
             done, _ = ray.wait(list(pending), num_returns=1)
             index, actor, job = pending.pop(done[0])
@@ -211,5 +256,5 @@ def _first_line(err: BaseException) -> str:
 POOLS = {"ray": RayPool, "local": LocalPool}
 
 
-def make_pool(settings: WorkerSettings, model: dict, needles: dict, length: int, guard: dict | None = None):
-    return POOLS[settings.backend](settings, model, needles, length, guard)
+def make_pool(settings: WorkerSettings, setup: WorkerSetup):
+    return POOLS[settings.backend](settings, setup)
