@@ -38,7 +38,7 @@ def free_port() -> int:
 
 def small_finished_run(folder: Path) -> Path:
     """The test suite's small search (8 per generation, 4 generations, 4 documents): about a minute."""
-    config = runs.prepare(write_config(folder))
+    config = runs.load_search_config(write_config(folder))
     run_dir = runs.create(config, folder / "runs")
     runs.run(run_dir, quiet=True)
     return run_dir

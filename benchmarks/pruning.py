@@ -26,7 +26,7 @@ def run_search(config_path: Path, overrides: dict) -> dict:
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = runs.prepare(config_path, {"budget.minutes": None, **overrides})
+        config = runs.load_search_config(config_path, {"budget.minutes": None, **overrides})
         run_dir = runs.create(config, Path(tmp))
         summary = runs.run(run_dir, quiet=True)
         best = RopeCandidate.load(run_dir / "best_factors.json")

@@ -30,7 +30,7 @@ from search.workers import Batch, ScoringWorker, WorkerSetup  # noqa: E402
 
 def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        config = runs.prepare(config_path, {"budget.minutes": None, **overrides})
+        config = runs.load_search_config(config_path, {"budget.minutes": None, **overrides})
         run_dir = runs.create(config, Path(tmp))
         ctx = driver.open_context(run_dir, config)
         summary = driver.search(ctx, stop_after=evaluations, quiet=True)

@@ -68,7 +68,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "soak.yaml"
         config_path.write_text(yaml.safe_dump(CONFIG))
-        config = runs.prepare(config_path)
+        config = runs.load_search_config(config_path)
         run_dir = runs.create(config, Path(tmp) / "runs")
         ctx = driver.open_context(run_dir, config)
         db = run_dir / "study.db"

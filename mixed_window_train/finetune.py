@@ -56,7 +56,7 @@ def read_factors(spec: str) -> RopeCandidate:
     return RopeCandidate.load(path / "best_factors.json" if path.is_dir() else path)
 
 
-def prepare(config_path: Path) -> tuple[FinetuneConfig, RopeCandidate]:
+def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandidate]:
     """Validate config, sizes, model, haystacks and factors before anything is written."""
     from fitness.config_io import read_yaml
     from search.config import MAX_NAME, MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model

@@ -91,7 +91,7 @@ def parameter_count(arch: ArchitectureSettings) -> int:
     return arch.vocab_size * arch.hidden_size + arch.layers * (attention + mlp)
 
 
-def prepare(config_path: Path, seed: int | None = None, out: str | None = None,
+def load_recipe(config_path: Path, seed: int | None = None, out: str | None = None,
             work_dir: str | None = None) -> tuple[PretrainConfig, Path]:  # fmt: skip
     """The recipe, the command line's overrides and the output paths, validated before anything is
     written. Returns the config and the work folder."""

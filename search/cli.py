@@ -14,7 +14,6 @@ import time
 import warnings
 from pathlib import Path
 
-from fitness.config_io import read_yaml
 from fitness.errors import RopeSearchError
 
 EPILOG = "Configs are YAML; see configs/ for commented examples. Docs: README.md."
@@ -34,7 +33,7 @@ def _search(args) -> int:
         overrides["sampler.seed"] = args.seed
     if args.local:
         overrides["workers.backend"] = "local"
-    config = runs.prepare(Path(args.config), overrides)
+    config = runs.load_search_config(Path(args.config), overrides)
     run_dir = runs.create(config, Path(args.runs_dir))
     args.run_dir = str(run_dir)  # from here on, a fault's message says how to resume this run
     print(f"run folder: {run_dir}", file=sys.stderr)
@@ -69,13 +68,9 @@ def _status(args) -> int:
 
 
 def _eval(args) -> int:
-    from search.config import check_finite, check_limits, check_model
-    from search.evaluate import format_table, prepare, run_eval
+    from search.evaluate import format_table, load_eval_config, run_eval
 
-    check_finite(read_yaml(args.config), args.config)
-    config, candidates = prepare(Path(args.config))
-    check_limits(config.model_dump(), args.config)
-    check_model(config.model, args.config)
+    config, candidates = load_eval_config(Path(args.config))
     out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     payload = run_eval(config, candidates, out)
     print(format_table(payload["results"], payload.get("short_text")))
@@ -84,9 +79,9 @@ def _eval(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from mixed_window_train.pretrain import pretrain, prepare
+    from mixed_window_train.pretrain import load_recipe, pretrain
 
-    config, work = prepare(Path(args.config), seed=args.seed, out=args.out, work_dir=args.work_dir)
+    config, work = load_recipe(Path(args.config), seed=args.seed, out=args.out, work_dir=args.work_dir)
     result = pretrain(config, work)
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -113,9 +108,9 @@ def _export(args) -> int:
 
 
 def _train(args) -> int:
-    from mixed_window_train.finetune import check_out_dir, finetune, prepare
+    from mixed_window_train.finetune import check_out_dir, finetune, load_finetune_config
 
-    config, candidate = prepare(Path(args.config))
+    config, candidate = load_finetune_config(Path(args.config))
     out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out_dir(out, config)
     print(f"training in {out} (run the same command with --out {out} to resume)", file=sys.stderr)

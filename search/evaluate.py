@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.config_io import load_yaml
+from fitness.config_io import load_yaml, read_yaml
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, short_text_costs
 from fitness.general_text import general_windows
 from fitness.factors import BASELINES, RopeCandidate, check_geometry
@@ -69,8 +69,13 @@ def format_table(results: dict, short_text: dict | None = None) -> str:
     return "\n".join(lines + format_short_text(short_text, lengths[-1]))
 
 
-def prepare(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
-    """Validate the config, the model and every factor file before anything runs."""
+def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
+    """The eval config and its factor files, validated once before anything runs: finite numbers, the
+    schema, the model's geometry, the haystacks, every factor file, sizes and the model's files."""
+    from search.config import check_finite, check_limits, check_model
+
+    source = str(config_path)
+    check_finite(read_yaml(config_path), source)
     config = load_yaml(config_path, EvalConfig)
     geometry = geometry_from_config(load_config(config.model.name))
     haystack_texts(config.needles.haystack)
@@ -78,6 +83,8 @@ def prepare(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
     for label, path in config.factors.items():
         candidates[label] = RopeCandidate.load(path)
         check_geometry(candidates[label], geometry, source=path)
+    check_limits(config.model_dump(), source)
+    check_model(config.model, source)
     return config, candidates
 
 

@@ -44,7 +44,7 @@ from search.workers import check_ray_address
 CONFIG_ATTR = "ropesearch:config"  # the study's copy of the config it was created with
 
 
-def prepare(config_path: Path, overrides: dict | None = None) -> SearchConfig:
+def load_search_config(config_path: Path, overrides: dict | None = None) -> SearchConfig:
     """Validate the config and everything it points at, before any file is written. `overrides`:
     dotted keys set from the command line."""
     source = str(config_path)

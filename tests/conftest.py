@@ -65,7 +65,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def reference_history(tmp_path_factory):
     """An uninterrupted run with Ray and one worker: what every other way of running must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
-    config = runs.prepare(write_config(tmp, **{"workers.backend": "ray", "workers.count": 1}))
+    config = runs.load_search_config(write_config(tmp, **{"workers.backend": "ray", "workers.count": 1}))
     run_dir = runs.create(config, tmp / "runs")
     runs.run(run_dir, quiet=True)
     return history_of(run_dir), RopeCandidate.load(run_dir / "best_factors.json")

@@ -36,7 +36,7 @@ def study_of(run_dir: Path) -> optuna.Study:
 
 
 def new_run(tmp_path, **changes) -> Path:
-    return runs.create(runs.prepare(write_config(tmp_path, **changes)), tmp_path / "runs")
+    return runs.create(runs.load_search_config(write_config(tmp_path, **changes)), tmp_path / "runs")
 
 
 def finish(run_dir: Path, env=None) -> None:

@@ -16,7 +16,7 @@ LIMIT = 0.002
 
 def _run(tmp_path, **changes):
     tmp_path.mkdir()
-    config = runs.prepare(write_config(tmp_path, **{"space.search_attention": True, "space.attention": "none",
+    config = runs.load_search_config(write_config(tmp_path, **{"space.search_attention": True, "space.attention": "none",
                                                     "short_guard.windows": 2, **changes}))  # fmt: skip
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)

@@ -25,7 +25,7 @@ SETTLED = 8 + 5 * 4
 
 
 def new_run(tmp_path, **changes):
-    return runs.create(runs.prepare(write_config(tmp_path, **PRUNING, **changes)), tmp_path / "runs")
+    return runs.create(runs.load_search_config(write_config(tmp_path, **PRUNING, **changes)), tmp_path / "runs")
 
 
 @pytest.fixture(scope="module")

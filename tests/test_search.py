@@ -14,7 +14,7 @@ from tests.search_helpers import completed_in, history_of, launch, write_config
 
 
 def test_local_search_writes_a_complete_run_folder(tmp_path):
-    config = runs.prepare(write_config(tmp_path))
+    config = runs.load_search_config(write_config(tmp_path))
     run_dir = runs.create(config, tmp_path / "runs")
     summary = runs.run(run_dir, quiet=True)
     assert summary["completed"] == 8 + 3 * 4
@@ -31,7 +31,7 @@ def test_local_search_writes_a_complete_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_two_ray_workers_give_the_same_history(tmp_path, reference_history):
-    config = runs.prepare(write_config(tmp_path, **{"workers.backend": "ray", "workers.count": 2}))
+    config = runs.load_search_config(write_config(tmp_path, **{"workers.backend": "ray", "workers.count": 2}))
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)
     history, best = reference_history
@@ -68,7 +68,7 @@ def test_kill_9_three_times_and_resume_gives_the_same_history(tmp_path, referenc
 def test_optuna_samplers_search_the_same_space(tmp_path, sampler):
     changes = {"sampler.name": sampler, "budget.evaluations": 10, "pruning.name": "earlier_trials",
                "pruning.documents": 2, "pruning.min_reference": 4}  # fmt: skip
-    config = runs.prepare(write_config(tmp_path, **changes))
+    config = runs.load_search_config(write_config(tmp_path, **changes))
     run_dir = runs.create(config, tmp_path / "runs")
     summary = runs.run(run_dir, quiet=True)
     assert summary["completed"] == 10

@@ -179,14 +179,14 @@ def test_eval_reports_what_each_method_costs_short_prompts(tmp_path):
     longrope candidate pays exactly its attention factor (short factors are ones)."""
     import yaml
 
-    from search.evaluate import format_table, prepare, run_eval
+    from search.evaluate import format_table, load_eval_config, run_eval
 
     config = yaml.safe_load(open("configs/eval-tiny.yaml"))
     config.update(multiples=[4], methods=["none", "pi", "dynamic_ntk", "yarn"], short_windows=2, short_lengths=[128])
     config["needles"]["documents"] = 2
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
-    payload = run_eval(*prepare(path), tmp_path / "out")
+    payload = run_eval(*load_eval_config(path), tmp_path / "out")
     costs = {name: rows["128"]["cost"] for name, rows in payload["short_text"].items()}
     assert costs["none"] == 0 and costs["dynamic_ntk"] == pytest.approx(0, abs=1e-9)
     assert costs["pi"] > 0.05 and costs["yarn"] > 0.01

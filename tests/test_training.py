@@ -111,9 +111,9 @@ def test_trained_model_loads_in_plain_transformers_with_both_factor_sets(tmp_pat
 
     from transformers import AutoModelForCausalLM
 
-    from mixed_window_train.finetune import finetune, prepare
+    from mixed_window_train.finetune import finetune, load_finetune_config
 
-    config, candidate = prepare(small_config(tmp_path, steps=2))
+    config, candidate = load_finetune_config(small_config(tmp_path, steps=2))
     finetune(config, candidate, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert saved["rope_scaling"]["long_factor"] == list(candidate.long_factors)
