@@ -6,12 +6,14 @@ has one entry per frequency pair, and the rescaled inverse frequency is `theta_i
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fitness.config_io import validation_message
@@ -70,17 +72,6 @@ class RopeCandidate(BaseModel):
         exponents = torch.arange(0, self.geometry.rotary_dim, 2, dtype=torch.int64).float() / self.geometry.rotary_dim
         return 1.0 / (ext * self.geometry.base**exponents)
 
-    def to_rope_scaling(self) -> dict:
-        """The candidate as a transformers/vLLM `rope_scaling` dict (legacy longrope form)."""
-        return {
-            "rope_type": "longrope",
-            "short_factor": list(self.factors(long=False)),
-            "long_factor": list(self.long_factors),
-            "factor": self.scale,
-            "original_max_position_embeddings": self.geometry.original_window,
-            "attention_factor": self.attention_factor,
-        }
-
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
@@ -93,6 +84,66 @@ class RopeCandidate(BaseModel):
             raise RopeSearchError(f"{path}: no such factor file") from None
         except ValidationError as err:
             raise RopeSearchError(f"{path}: {validation_message(err)}") from None
+
+    @classmethod
+    def from_source(cls, source: str | Path) -> RopeCandidate:
+        """A run folder (its best factors, with its search config as provenance) or a factor file (JSON
+        or YAML): what export and training take, checked before anything is written."""
+        source = Path(source)
+        if source.is_dir():
+            factors = source / "best_factors.json"
+            if not factors.is_file():
+                raise RopeSearchError(f"{source}: no best_factors.json (has the search finished a round?)")
+            candidate = _extends(cls.load(factors), factors)
+            if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
+                config = yaml.safe_load((source / "config.yaml").read_text())
+                candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})
+            return candidate
+        if source.is_file():
+            _numbers_only(_parse(source), source)
+        if source.suffix in (".yaml", ".yml") and source.is_file():
+            try:
+                return _extends(cls.model_validate(yaml.safe_load(source.read_text())), source)
+            except RopeSearchError:
+                raise
+            except Exception as err:
+                raise RopeSearchError(f"{source}: not a factor file ({' '.join(str(err).split())[:200]})") from None
+        return _extends(cls.load(source), source)
+
+
+NUMERIC_KEYS = ("target_window", "long_factors", "short_factors", "attention_factor", "geometry")
+
+
+def _numbers_only(data, source: Path) -> None:
+    """Factors written as strings ("1.5") would be coerced silently by the candidate type: a file that
+    quotes its numbers was not written by this tool, so it is refused rather than guessed at."""
+    if not isinstance(data, dict):
+        return  # the candidate type reports what the top level should be
+    for key in NUMERIC_KEYS:
+        value = data.get(key)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+        for where, item in [(None, value), *items]:
+            if isinstance(item, (str, bool)):
+                at = key if where is None else f"{key}.{where}" if isinstance(where, str) else f"{key}[{where}]"
+                raise RopeSearchError(f"{source}: {at} = {item!r}: numbers must be written as numbers")
+
+
+def _extends(candidate: RopeCandidate, source: Path) -> RopeCandidate:
+    g = candidate.geometry
+    if candidate.target_window < g.original_window:
+        raise RopeSearchError(
+            f"{source}: target_window {candidate.target_window} is below the model's window {g.original_window} "
+            "(factors extend a window; they cannot shrink it)"
+        )
+    return candidate
+
+
+def _parse(source: Path):
+    text = source.read_text()
+    try:
+        return yaml.safe_load(text) if source.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError):
+        return None  # the candidate type's own parser says what is wrong
 
 
 def make_candidate(

@@ -20,7 +20,7 @@ from fitness.geometry import RopeGeometry, geometry_from_config
 
 
 class CandidateRotary(nn.Module):
-    """Rotary module for K candidates. Row b of a batch uses candidate `rows[b]` (default `b % K`);
+    """Rotary module for K candidates. Row b of a batch uses candidate `b % K`;
     per row, long factors when the row's positions reach past the original window, short otherwise —
     the same rule as transformers' longrope, taken per row instead of per batch."""
 
@@ -34,7 +34,6 @@ class CandidateRotary(nn.Module):
         self.register_buffer(
             "attention", torch.tensor([c.attention_factor for c in candidates], dtype=torch.float32), False
         )
-        self.rows: torch.Tensor | None = None
         if device is not None:
             self.to(device)
 
@@ -42,15 +41,7 @@ class CandidateRotary(nn.Module):
     def num_candidates(self) -> int:
         return self.long_inv_freq.shape[0]
 
-    def set_rows(self, rows: Sequence[int] | torch.Tensor | None) -> None:
-        """Which candidate each batch row uses (None: row b uses candidate b % K)."""
-        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.long_inv_freq.device)
-
     def _row_candidates(self, batch: int) -> torch.Tensor:
-        if self.rows is not None:
-            if len(self.rows) != batch:
-                raise RopeSearchError(f"rows assign {len(self.rows)} candidates but the batch has {batch} rows")
-            return self.rows
         if batch % self.num_candidates and self.num_candidates > 1:
             raise RopeSearchError(f"batch of {batch} rows is not a multiple of {self.num_candidates} candidates")
         return torch.arange(batch, device=self.long_inv_freq.device) % self.num_candidates
@@ -102,9 +93,6 @@ class AppliedCandidates:
 
     def __init__(self, model: nn.Module, swapped: list[tuple[nn.Module, str, nn.Module]], rotary: CandidateRotary):
         self.model, self._swapped, self.rotary = model, swapped, rotary
-
-    def set_rows(self, rows) -> None:
-        self.rotary.set_rows(rows)
 
     def restore(self) -> None:
         """Put the model's own rotary module(s) back, as they were."""

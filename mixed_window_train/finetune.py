@@ -51,11 +51,6 @@ class FinetuneConfig(BaseModel):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
 
-def read_factors(spec: str) -> RopeCandidate:
-    path = Path(spec)
-    return RopeCandidate.load(path / "best_factors.json" if path.is_dir() else path)
-
-
 def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandidate]:
     """Validate config, sizes, model, haystacks and factors before anything is written."""
     from fitness.config_io import read_yaml
@@ -72,7 +67,7 @@ def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandida
     check_haystacks(config.data.haystack, source, "data.haystack")
     check_haystacks(config.evaluation.needles.haystack, source, "evaluation.needles.haystack")
     with naming(source, "factors"):
-        candidate = read_factors(config.factors)
+        candidate = RopeCandidate.from_source(config.factors)
         check_geometry(candidate, geometry_from_config(load_config(config.model.name)), source=config.factors)
     if candidate.target_window > MAX_TARGET_WINDOW:
         raise RopeSearchError(f"{source}: factors: target window {candidate.target_window} > {MAX_TARGET_WINDOW}")

@@ -183,7 +183,7 @@ BAD_TRAIN = [
      "original_window"),
     ("factors NaN", lambda p: _set("factors", str(factor_file(p, lambda d: d["long_factors"].__setitem__(2, "nan")))),
      "long_factors"),
-    ("factors a folder without them", lambda p: _set("factors", str(p)), "no such factor file"),
+    ("factors a folder without them", lambda p: _set("factors", str(p)), "no best_factors.json"),
     ("missing model", lambda p: _set("model.name", "/nowhere/model"), "model.name"),
     ("threads 0", lambda p: _set("model.threads", 0), "model.threads"),
     ("lr NaN", lambda p: _set("train.lr", float("nan")), "train.lr"),

@@ -9,9 +9,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from fitness.errors import RopeSearchError
 from fitness.factors import BASELINES, RopeCandidate, baseline, make_candidate
 from fitness.geometry import RopeGeometry, geometry_from_config
+from fitness.hf_config import longrope_config_keys
 from tests.conftest import llama_config
 
 WINDOW, SCALE = 256, 4.0
+
+
+def exported_scaling(candidate) -> dict:
+    """The rope_scaling dict an export writes for this candidate (what transformers should agree with)."""
+    return longrope_config_keys(candidate, "llama")["rope_scaling"]
 
 
 def transformers_rope(rope_type, seq_len=None, window=WINDOW, scale=SCALE, **params):
@@ -75,7 +81,7 @@ def test_llama3_equals_llama3():
 def test_any_candidate_equals_longrope_with_its_factors(method, long):
     _, geometry = transformers_rope("linear")
     ours = baseline(method, geometry, int(WINDOW * SCALE))
-    rope_scaling = ours.to_rope_scaling()
+    rope_scaling = exported_scaling(ours)
     # transformers 4.x reads the window for longrope from the top-level key only
     config = llama_config(
         window=WINDOW, scale=SCALE, rope_scaling=rope_scaling, original_max_position_embeddings=WINDOW

@@ -6,11 +6,17 @@ import torch
 from fitness.errors import RopeSearchError
 from fitness.factors import baseline, make_candidate
 from fitness.geometry import geometry_from_config
+from fitness.hf_config import longrope_config_keys
 from fitness.patch import apply_candidates
 from tests.conftest import llama_config
 
 WINDOW, SCALE = 64, 4.0
 TARGET = int(WINDOW * SCALE)
+
+
+def exported_scaling(candidate) -> dict:
+    """The rope_scaling dict an export writes for this candidate (what transformers should agree with)."""
+    return longrope_config_keys(candidate, "llama")["rope_scaling"]
 
 
 def logits(model, length, seed=1, batch=1):
@@ -58,7 +64,7 @@ def test_logits_equal_transformers_scaling(make_llama, method, length):
 def test_logits_equal_transformers_longrope_both_sides_of_the_window(make_llama, length):
     model = make_llama(window=WINDOW)
     candidate = baseline("critical_ntk", geometry_from_config(model.config), TARGET)
-    reference = reference_model(model, candidate.to_rope_scaling(), original_max_position_embeddings=WINDOW)
+    reference = reference_model(model, exported_scaling(candidate), original_max_position_embeddings=WINDOW)
     with apply_candidates(model, candidate):
         ours = logits(model, length)
     torch.testing.assert_close(ours, logits(reference, length))
@@ -95,13 +101,13 @@ def test_holds_across_transformers_own_per_forward_update(make_llama, own):
     plain = make_llama(window=WINDOW)
     geometry = geometry_from_config(plain.config)
     if own == "longrope":
-        own_scaling = baseline("ntk", geometry, TARGET).model_copy(update={"short_factors": None}).to_rope_scaling()
+        own_scaling = exported_scaling(baseline("ntk", geometry, TARGET).model_copy(update={"short_factors": None}))
         model = reference_model(plain, own_scaling, original_max_position_embeddings=WINDOW)
     else:
         model = reference_model(plain, {"rope_type": "dynamic", "factor": 2.0}, scale=1.0)
     own_logits = {n: logits(model, n) for n in (WINDOW * 3, WINDOW // 2)}
     candidate = baseline("critical_ntk", geometry, TARGET)
-    expected = reference_model(plain, candidate.to_rope_scaling(), original_max_position_embeddings=WINDOW)
+    expected = reference_model(plain, exported_scaling(candidate), original_max_position_embeddings=WINDOW)
     with apply_candidates(model, candidate):
         for length in (WINDOW * 3, WINDOW // 2, WINDOW * 2):  # long, short, long again
             torch.testing.assert_close(logits(model, length), logits(expected, length))
