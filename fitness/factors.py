@@ -68,9 +68,7 @@ class RopeCandidate(BaseModel):
 
     def inv_freq(self, long: bool = True) -> torch.Tensor:
         """Rescaled inverse frequencies, float32, computed the way transformers' longrope does."""
-        ext = torch.tensor(self.factors(long), dtype=torch.float32)
-        exponents = torch.arange(0, self.geometry.rotary_dim, 2, dtype=torch.int64).float() / self.geometry.rotary_dim
-        return 1.0 / (ext * self.geometry.base**exponents)
+        return self.geometry.base_inv_freq(self.factors(long))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
@@ -244,6 +242,18 @@ def dynamic_ntk(
     )
 
 
+def _ramp(x: float, low: float, high: float) -> float:
+    """0 at and below `low`, 1 at and above `high`, linear between: the ramp YaRN, NTK-by-parts and
+    Llama 3 share (over pair indices or turn ratios)."""
+    return min(max((x - low) / (high - low), 0.0), 1.0)
+
+
+def _blend(s: float, extrapolate: float) -> float:
+    """The factor of a pair that extrapolates by `extrapolate` (1: original frequency) and interpolates
+    by the rest (0: divided by s), blended in frequency as transformers does."""
+    return 1.0 / ((1 - extrapolate) / s + extrapolate)
+
+
 @register_baseline("yarn")
 def yarn(
     geometry: RopeGeometry,
@@ -256,12 +266,8 @@ def yarn(
     """YaRN as transformers builds it: a linear ramp over pair indices between the pairs that turn
     `beta_fast` and `beta_slow` times in the window; interpolation (s) below the ramp's end, none above."""
     s = _scale(geometry, target_window)
-    d, base, window = geometry.rotary_dim, geometry.base, geometry.original_window
-
-    def pair_turning(turns: float) -> float:
-        return d * math.log(window / (turns * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    d, window = geometry.rotary_dim, geometry.original_window
+    low, high = geometry.pair_turning(beta_fast), geometry.pair_turning(beta_slow)
     if truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, d - 1)
@@ -269,8 +275,7 @@ def yarn(
         high += 0.001
     factors = []
     for i in range(geometry.pairs):
-        extrapolate = 1 - min(max((i - low) / (high - low), 0.0), 1.0)
-        factors.append(1.0 / ((1 - extrapolate) / s + extrapolate))
+        factors.append(_blend(s, 1 - _ramp(i, low, high)))
     return make_candidate(
         geometry,
         target_window,
@@ -291,9 +296,7 @@ def ntk_by_parts(
     window = geometry.original_window
     factors = []
     for wavelength in geometry.wavelengths():
-        r = window / wavelength
-        gamma = 0.0 if r < alpha else 1.0 if r > beta else (r - alpha) / (beta - alpha)
-        factors.append(1.0 / ((1 - gamma) / s + gamma))
+        factors.append(_blend(s, _ramp(window / wavelength, alpha, beta)))
     return make_candidate(
         geometry,
         target_window,
@@ -320,8 +323,7 @@ def llama3(
         elif wavelength > low_wavelength:
             factors.append(s)
         else:
-            smooth = (window / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-            factors.append(1.0 / ((1 - smooth) / s + smooth))
+            factors.append(_blend(s, _ramp(window / wavelength, low_freq_factor, high_freq_factor)))
     return make_candidate(
         geometry,
         target_window,

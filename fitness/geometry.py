@@ -8,7 +8,7 @@ the plain dict of a config.json.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,10 +39,13 @@ class RopeGeometry(BaseModel):
     def pairs(self) -> int:
         return self.rotary_dim // 2
 
-    def base_inv_freq(self) -> torch.Tensor:
-        """theta_i = base^(-2i/d), float32, computed the way transformers computes it."""
+    def base_inv_freq(self, factors: Sequence[float] | None = None) -> torch.Tensor:
+        """theta_i = base^(-2i/d), divided by factor_i if given: float32, computed the way transformers
+        computes it (default and longrope alike), so a candidate scores what an exported model runs."""
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
-        return 1.0 / (self.base**exponents)
+        if factors is None:
+            return 1.0 / (self.base**exponents)
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * self.base**exponents)
 
     def wavelengths(self) -> list[float]:
         return [2 * math.pi * self.base ** (2 * i / self.rotary_dim) for i in range(self.pairs)]
@@ -53,17 +56,21 @@ class RopeGeometry(BaseModel):
         `ceil((d/2) * log_base(L / 2pi))` (LongRoPE2); pairs at and above it never completed a full
         rotation during pre-training, so they meet unseen angles when positions grow.
         """
-        window = window or self.original_window
-        value = self.pairs * math.log(window / (2 * math.pi)) / math.log(self.base)
+        value = self.pair_turning(1.0, window)
         return int(min(max(math.ceil(value - 1e-9), 0), self.pairs - 1))
 
     def critical_dim_range(self, window: int | None = None) -> tuple[int, int]:
         """The LongRoPE2 search range for the real critical pair: from the pair that completes 10 turns
         in the window up to the theoretical critical pair."""
-        window = window or self.original_window
-        low = math.ceil(self.pairs * math.log(window / (2 * math.pi * 10)) / math.log(self.base) - 1e-9)
+        low = math.ceil(self.pair_turning(10.0, window) - 1e-9)
         high = self.critical_dim(window)
         return max(1, min(low, high)), high
+
+    def pair_turning(self, turns: float, window: int | None = None) -> float:
+        """The (fractional) pair index whose rotation completes `turns` turns in the window: where YaRN's
+        ramp starts and ends, and where the critical pair (1 turn) and its search range (10) lie."""
+        window = window or self.original_window
+        return self.rotary_dim * math.log(window / (turns * 2 * math.pi)) / (2 * math.log(self.base))
 
 
 def _as_dict(config: Any) -> dict:
