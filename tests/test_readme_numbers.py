@@ -1,0 +1,26 @@
+"""Every number the README's Results quote comes from a committed file under benchmarks/results/."""
+
+import re
+
+from benchmarks.readme_numbers import NUMBER, check, found_in, results_section
+
+
+def test_every_results_number_is_in_a_results_file():
+    assert check() == []
+
+
+def test_a_number_in_no_file_is_reported(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("## Results\n\nneedle PPL 1.2345678 in 9 min 59 s wall\n\n## Next\n")
+    assert len(check(readme)) == 2
+
+
+def test_durations_are_read_only_from_durations(tmp_path):
+    """208 evaluations are not 3.5 minutes."""
+    quote = NUMBER.search("3.5 min")
+    assert found_in(quote, {tmp_path / "a.json": [(208.0, "evaluations")]}) is None
+    assert found_in(quote, {tmp_path / "a.json": [(208.0, "seconds")]}) is not None
+
+
+def test_the_section_is_the_results_one():
+    assert results_section().startswith("## Results") and not re.search(r"\n## (?!#)", results_section()[3:])
