@@ -162,8 +162,8 @@ def found_in(quote: re.Match, files: dict[Path, list[tuple[float, str]]]) -> Pat
                     continue  # a duration is only read from a duration
                 if kind in ("plain", "ratio") and _matches(n, quoted, decimals):
                     return path
-                if kind == "percent" and (_matches(100 * n, quoted, decimals) or _matches(100 * (n - 1), quoted, decimals)
-                                          or _matches(n, quoted, decimals)):  # fmt: skip
+                as_percent = (100 * n, 100 * (n - 1), n)  # a fraction, a change, or already in percent
+                if kind == "percent" and any(_matches(v, quoted, decimals) for v in as_percent):
                     return path
                 if kind == "seconds" and abs(n - quoted) < 0.5:
                     return path

@@ -26,7 +26,7 @@ from search.evolution import EvolutionarySampler
 from search.guard import SHORT_COST, best_trial, record_cost
 from search.liveness import Heartbeat, fail_interrupted
 from search.pruning import make_pruner
-from search.slots import DRIVER, ERROR, GenerationSlots, NoSlots
+from search.slots import DRIVER, ERROR, NoSlots, Slots
 from search.space import RopeSpace
 from search.storage import open_storage
 from search.workers import CandidateScore, Job, WorkerSetup, make_pool
@@ -42,7 +42,7 @@ class SearchContext:
     target: int
     space: RopeSpace
     sampler: optuna.samplers.BaseSampler  # called by the study only
-    slots: GenerationSlots | NoSlots  # what the driver asks: which trials to score next, how many in all
+    slots: Slots  # what the driver asks: which trials to score next, how many in all
     study: optuna.Study
     driver_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
 
@@ -50,7 +50,7 @@ class SearchContext:
         return self.space.decode(params)
 
 
-def make_sampler(config: SearchConfig, space: RopeSpace) -> tuple[optuna.samplers.BaseSampler, GenerationSlots | NoSlots]:
+def make_sampler(config: SearchConfig, space: RopeSpace) -> tuple[optuna.samplers.BaseSampler, Slots]:
     """The study's sampler and the slot book the driver asks (the evolution fills slots; the others don't)."""
     settings = config.sampler
     if settings.name == "evolution":

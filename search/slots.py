@@ -178,6 +178,9 @@ class GenerationSlots:
         return groups
 
 
+Slots = GenerationSlots | NoSlots  # the driver's view: take, state, finished, total
+
+
 def _whole_groups(open_slots: list[int], k: int, limit: int) -> list[int]:
     """Open slots of the first groups of k slots: whole groups while they fit in `limit` (and at least
     part of one), so a driver does not score slots it has not asked, only to see them asked again."""
