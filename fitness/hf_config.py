@@ -13,7 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
-from fitness.factors import RopeCandidate
+from fitness.factors import RopeCandidate, attention_factor
 
 
 def longrope_config_keys(candidate: RopeCandidate, model_type: str) -> dict:
@@ -44,7 +44,7 @@ def longrope_config_keys(candidate: RopeCandidate, model_type: str) -> dict:
 def engine_attention_warnings(candidate: RopeCandidate, model_type: str) -> list[str]:
     """Where an engine computes another attention factor than the one the candidate was scored with."""
     g = candidate.geometry
-    implied = math.sqrt(1 + math.log(candidate.scale) / math.log(g.original_window)) if candidate.scale > 1 else 1.0
+    implied = attention_factor("longrope", candidate.scale, g.original_window)
     if math.isclose(candidate.attention_factor, implied, rel_tol=1e-6):
         return []
     if model_type != "phi3":  # the mscale keys carry it to vLLM

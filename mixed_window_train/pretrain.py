@@ -23,7 +23,7 @@ from fitness.models import save_hf_model
 from fitness.needles import Haystack, NeedleSettings, build_document, build_needle_set, haystack_texts
 from fitness.scoring import score_candidates
 from mixed_window_train.trainer import Batch, TrainSettings, train
-from search.config import check_finite, check_haystacks, check_limits
+from fitness.config_checks import check_finite, check_haystacks, check_limits
 
 MAX_WINDOW = 65_536
 MAX_PARAMETERS = 2_000_000_000  # a model trained from scratch here; beyond this it would not finish

@@ -55,7 +55,6 @@ def _run(run_dir: Path, stop_after: int | None) -> int:
 
 
 def _resume(args) -> int:
-    from search import runs
 
     return _run(Path(args.run_dir), args.stop_after)
 

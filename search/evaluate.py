@@ -72,7 +72,7 @@ def format_table(results: dict, short_text: dict | None = None) -> str:
 def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
     """The eval config and its factor files, validated once before anything runs: finite numbers, the
     schema, the model's geometry, the haystacks, every factor file, sizes and the model's files."""
-    from search.config import check_finite, check_limits, check_model
+    from fitness.config_checks import check_finite, check_limits, check_model
 
     source = str(config_path)
     check_finite(read_yaml(config_path), source)

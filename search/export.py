@@ -195,60 +195,6 @@ def export_yaml(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
     return _written(tmp, out)
 
 
-NUMERIC_KEYS = ("target_window", "long_factors", "short_factors", "attention_factor", "geometry")
-
-
-def _numbers_only(data, source: Path) -> None:
-    """Factors written as strings ("1.5") would be coerced silently by the candidate type: a file that
-    quotes its numbers was not written by this tool, so it is refused rather than guessed at."""
-    if not isinstance(data, dict):
-        return  # the candidate type reports what the top level should be
-    for key in NUMERIC_KEYS:
-        value = data.get(key)
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
-        for where, item in [(None, value), *items]:
-            if isinstance(item, (str, bool)):
-                at = key if where is None else f"{key}.{where}" if isinstance(where, str) else f"{key}[{where}]"
-                raise RopeSearchError(f"{source}: {at} = {item!r}: numbers must be written as numbers")
-
-
-def _sane(candidate: RopeCandidate, source: Path) -> RopeCandidate:
-    g = candidate.geometry
-    if candidate.target_window < g.original_window:
-        raise RopeSearchError(
-            f"{source}: target_window {candidate.target_window} is below the model's window {g.original_window} "
-            "(factors extend a window; they cannot shrink it)"
-        )
-    return candidate
-
-
-def _parse(source: Path):
-    text = source.read_text()
-    try:
-        return yaml.safe_load(text) if source.suffix in (".yaml", ".yml") else json.loads(text)
-    except (ValueError, yaml.YAMLError):
-        return None  # the candidate type's own parser says what is wrong
-
-
 def read_source(source: Path) -> RopeCandidate:
     """A run folder (its best factors and config) or a factor file, checked before anything is written."""
-    source = Path(source)
-    if source.is_dir():
-        factors = source / "best_factors.json"
-        if not factors.is_file():
-            raise RopeSearchError(f"{source}: no best_factors.json (has the search finished a round?)")
-        candidate = _sane(RopeCandidate.load(factors), factors)
-        if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
-            config = yaml.safe_load((source / "config.yaml").read_text())
-            candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})
-        return candidate
-    if source.is_file():
-        _numbers_only(_parse(source), source)
-    if source.suffix in (".yaml", ".yml") and source.is_file():
-        try:
-            return _sane(RopeCandidate.model_validate(yaml.safe_load(source.read_text())), source)
-        except RopeSearchError:
-            raise
-        except Exception as err:
-            raise RopeSearchError(f"{source}: not a factor file ({' '.join(str(err).split())[:200]})") from None
-    return _sane(RopeCandidate.load(source), source)
+    return RopeCandidate.from_source(source)

@@ -34,8 +34,9 @@ from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config, load_model, machine_name
 from search import driver, report
-from search.config import (MAX_TARGET_WINDOW, SearchConfig, check_finite, check_haystacks, check_limits,
-                           check_model, naming, unresumable_changes)  # fmt: skip
+from fitness.config_checks import (MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model,
+                                   naming)  # fmt: skip
+from search.config import SearchConfig, unresumable_changes
 from search.pruning import saved_scorings
 from search.space import RopeSpace
 from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
