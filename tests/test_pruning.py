@@ -91,7 +91,7 @@ def test_the_fitness_plot_and_report_carry_the_pruning(pruned_run):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "target, call",
-    [("search.driver:after_first_stage", 7), ("search.driver:_joined", 9)],
+    [("search.driver:after_first_stage", 7), ("search.workers:CandidateScore.then", 9)],
     ids=["before a first stage is told", "between second-stage tells"],
 )  # fmt: skip
 def test_killed_and_resumed_pruned_search_decides_the_same(tmp_path, pruned_run, target, call):
