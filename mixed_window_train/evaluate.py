@@ -95,11 +95,11 @@ def compare_exports(
 def format_comparison(result: dict, target: int, window: int) -> str:
     lengths = list(result[BASE]["short_ppl"])
     head = f"{'':<26}{'needle PPL @' + str(target):>18}{'retrieval':>11}"
-    head += "".join(f"{'text PPL @' + n:>16}" for n in lengths)
+    head += "".join(f"{'text PPL @' + n:>20}" for n in lengths)
     lines = [head]
     for name, row in result.items():
         line = f"{name:<26}{row['needle_ppl']:>18.4g}{row['retrieval']:>10.0%}"
-        line += "".join(f"{row['short_ppl'][n]:>9.3f} ({row['short_cost'][n]:+.1%})" for n in lengths)
+        line += "".join(f"{row['short_ppl'][n]:>11.5g} ({row['short_cost'][n]:+6.1%})" for n in lengths)
         lines.append(line)
     lines.append(f"(base model's own needle PPL @{window}: {result[BASE]['needle_ppl_in_window']:.4g}; "
                  "text: general English the project never trains or searches on)")  # fmt: skip

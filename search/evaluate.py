@@ -51,7 +51,7 @@ def format_short_text(short_text: dict | None, target: int) -> list[str]:
     lines = [f"general-text PPL inside the window (cost vs no scaling), each method as deployed for {target} tokens",
              f"{'method':<16}" + "".join(f"{n:>18}" for n in lengths)]  # fmt: skip
     for name, rows in short_text.items():
-        lines.append(f"{name:<16}" + "".join(f"{rows[n]['ppl']:>9.3f} ({rows[n]['cost']:>+6.1%})" for n in lengths))
+        lines.append(f"{name:<16}" + "".join(f"{rows[n]['ppl']:>9.5g} ({rows[n]['cost']:>+6.1%})" for n in lengths))
     return lines
 
 
