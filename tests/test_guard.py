@@ -16,8 +16,8 @@ LIMIT = 0.002
 
 def _run(tmp_path, **changes):
     tmp_path.mkdir()
-    config = runs.load_search_config(write_config(tmp_path, **{"space.search_attention": True, "space.attention": "none",
-                                                    "short_guard.windows": 2, **changes}))  # fmt: skip
+    changes = {"space.search_attention": True, "space.attention": "none", "short_guard.windows": 2, **changes}
+    config = runs.load_search_config(write_config(tmp_path, **changes))
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)
     return run_dir, driver.open_context(run_dir, runs.load(run_dir)).study
