@@ -210,7 +210,7 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
         if outcome.error is None:
             score = outcome.scores[0]
             results[outcome.job.tag] = {"fitness": score.fitness, "retrieval": score.retrieval}
-            if score.short_cost is not None:  # measured only under the guard
+            if score.short_cost is not None:  # measured wherever the worker has the guard's text
                 results[outcome.job.tag][SHORT_COST] = score.short_cost
     ctx.study.set_user_attr("baselines", results)
     return results

@@ -95,7 +95,7 @@ class CandidateScore:
     document_nll: list[float]
     document_exact: list[bool]
     seconds: float  # the batch's time, shared evenly by its candidates
-    short_cost: float | None = None  # search.guard.SHORT_COST; None: not measured (off, or a second stage)
+    short_cost: float | None = None  # search.guard.SHORT_COST; None: not measured (no guard text, or a second stage)
 
     @classmethod
     def of(cls, score: Score, seconds: float, short_cost: float | None = None) -> "CandidateScore":
