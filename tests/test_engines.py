@@ -22,6 +22,7 @@ from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidate
 from search.export import EXPORTERS
+from tests.test_export import rising_short
 
 if os.environ.get("CI") == "true":
     import llama_cpp  # noqa: F401  (CI installs it: a missing engine must fail, not skip)
@@ -33,11 +34,14 @@ ATTENTION = 1.3  # not the default sqrt(1 + ln 4 / ln 256) = 1.118: a dropped at
 TINY_TOLERANCE = 2e-3
 
 
-def searched(geometry, target=TARGET, attention=ATTENTION):
-    """A LongRoPE2-shaped vector (critical pair 9, rising tail, NTK head) with a non-default attention."""
+def searched(geometry, target=TARGET, attention=ATTENTION, short=None):
+    """A LongRoPE2-shaped vector (critical pair 9, rising tail, NTK head) with a non-default attention;
+    short factors ones (None) unless given."""
     tail = [4.0 + 0.1 * i for i in range(geometry.pairs - 9)]
     shape = critical_dim_shape(geometry.pairs, 9, tail[0], tail)
-    return make_candidate(geometry, target, shape, attention_factor=attention, method="test", params={})
+    return make_candidate(
+        geometry, target, shape, attention_factor=attention, short_factors=short, method="test", params={}
+    )
 
 
 # ---- a GGUF of the bundled tiny model, written the way llama.cpp's converter writes Llama models ----
@@ -227,6 +231,26 @@ def test_short_prompts_get_what_the_context_size_selects(tiny_engine, tiny):
     np.testing.assert_allclose(default_ctx, long_scored, atol=TINY_TOLERANCE, rtol=0)
     small_ctx = llama_answer_nll(exported, documents_of(short_docs), n_ctx=geometry.original_window)
     np.testing.assert_allclose(small_ctx, short_scored, atol=TINY_TOLERANCE, rtol=0)
+
+
+def test_searched_short_factors_reach_llama_cpp(tiny_engine, tiny):
+    """Short factors that are not ones: a context of at most the original window runs
+    `rope_factors_short` (with the attention factor) and scores short documents as ropesearch does,
+    clearly not as with ones; the export's default context still runs the long factors."""
+    folder, source, geometry, _ = tiny_engine
+    candidate = searched(geometry, short=rising_short(geometry))
+    exported = EXPORTERS["gguf"](candidate, str(source), folder / "searched-short.gguf")
+    short_docs = build_needle_set(tiny[1], NeedleSettings(documents=3, seed=12), geometry.original_window)
+    ours = np.array(score_candidate(tiny[0], short_docs, candidate).document_nll)
+    with_ones = np.array(score_candidate(tiny[0], short_docs, searched(geometry)).document_nll)
+    assert np.abs(ours - with_ones).min() > 100 * TINY_TOLERANCE, (ours, with_ones)
+
+    small_ctx = llama_answer_nll(exported, documents_of(short_docs), n_ctx=geometry.original_window)
+    np.testing.assert_allclose(small_ctx, ours, atol=TINY_TOLERANCE, rtol=0)
+    as_long = make_candidate(geometry, TARGET, candidate.long_factors, static=True, attention_factor=ATTENTION)
+    long_scored = np.array(score_candidate(tiny[0], short_docs, as_long).document_nll)
+    default_ctx = llama_answer_nll(exported, documents_of(short_docs), n_ctx=0)
+    np.testing.assert_allclose(default_ctx, long_scored, atol=TINY_TOLERANCE, rtol=0)
 
 
 # Q4_1 weights in llama.cpp against their float32 dequantization in transformers, one document of

@@ -23,16 +23,19 @@ TINY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=6
 # not sqrt(1 + ln s / ln L) (1.118 here), which is also what transformers and vLLM fall back to: an
 # attention factor dropped anywhere on the way changes what the engines compute and fails a test
 ATTENTION = 1.3
+# answer NLL of plain transformers against ropesearch's scoring, both float32 on the same weights
+HF_TOLERANCE = 1e-4
 
 
 def default_attention(geometry=TINY, target=1024):
     return math.sqrt(1 + math.log(target / geometry.original_window) / math.log(geometry.original_window))
 
 
-def searched_like(geometry=TINY, target=1024, attention=ATTENTION):
-    """A non-trivial LongRoPE2-shaped vector: critical pair 9, rising tail, NTK head."""
+def searched_like(geometry=TINY, target=1024, attention=ATTENTION, short=None):
+    """A non-trivial LongRoPE2-shaped vector: critical pair 9, rising tail, NTK head; short factors
+    ones (None) unless given."""
     tail = [4.0 + 0.1 * i for i in range(geometry.pairs - 9)]
-    kwargs = {"attention_factor": attention}
+    kwargs = {"attention_factor": attention, "short_factors": short}
     return make_candidate(
         geometry,
         target,
@@ -41,6 +44,14 @@ def searched_like(geometry=TINY, target=1024, attention=ATTENTION):
         params={"critical_dim": 9},
         **kwargs,
     )
+
+
+def rising_short(geometry=TINY):
+    """Searched-like short factors: monotone from 1 (fastest pair) to 2 (slowest), and far enough from
+    ones that the bundled model's answer NLL inside its window moves by 1.4-2.5 (measured on 3 needle
+    documents of 256 tokens): factors lost on the way to an engine cannot hide in a tolerance. The
+    square roots use every bit of a float, so a file that rounds them is caught too."""
+    return tuple(1.0 + math.sqrt(i / (geometry.pairs - 1)) for i in range(geometry.pairs))
 
 
 def plain_answer_nll(model, ids, answers):
@@ -77,7 +88,30 @@ def test_hf_round_trip_with_plain_transformers(tmp_path, tiny):
     needles = build_needle_set(tokenizer, NeedleSettings(documents=3, seed=5), 1024)
     ours = score_candidate(model, needles, candidate)
     theirs = plain_answer_nll(plain, needles.input_ids, needles.answers)
-    torch.testing.assert_close(theirs, torch.tensor(ours.document_nll), atol=1e-4, rtol=0)
+    torch.testing.assert_close(theirs, torch.tensor(ours.document_nll), atol=HF_TOLERANCE, rtol=0)
+
+
+def test_hf_export_carries_searched_short_factors(tmp_path, tiny):
+    """Inside the original window transformers runs `short_factor`: searched short factors (not ones)
+    reach it with the attention factor, and documents of exactly L tokens (the last length that is
+    still short, on both sides) score as ropesearch scored them, and clearly not as with ones."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny
+    candidate = searched_like(short=rising_short())
+    out = EXPORTERS["hf"](candidate, "tiny", tmp_path / "hf")
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
+    needles = build_needle_set(tokenizer, NeedleSettings(documents=3, seed=12), TINY.original_window)
+    theirs = plain_answer_nll(plain, needles.input_ids, needles.answers)
+
+    rotary = plain.model.rotary_emb  # what the forward above ran with
+    torch.testing.assert_close(rotary.inv_freq.float(), candidate.inv_freq(long=False), rtol=1e-6, atol=0)
+    assert rotary.attention_scaling == pytest.approx(ATTENTION, rel=1e-7)
+    ours = torch.tensor(score_candidate(model, needles, candidate).document_nll)
+    torch.testing.assert_close(theirs, ours, atol=HF_TOLERANCE, rtol=0)
+    ones = torch.tensor(score_candidate(model, needles, searched_like()).document_nll)
+    assert (ours - ones).abs().min() > 100 * HF_TOLERANCE, (ours, ones)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["short_factor"] == list(rising_short())
 
 
 def test_hf_config_only_carries_the_attention_factor_without_warning(tmp_path):
@@ -103,6 +137,17 @@ def test_json_and_yaml_round_trip(tmp_path):
         path = EXPORTERS[target](candidate, "tiny", tmp_path / f"f.{target}")
         assert read_source(path) == candidate
         assert read_source(path).attention_factor == ATTENTION
+
+
+def test_json_and_yaml_keep_searched_short_factors_exactly(tmp_path):
+    candidate = searched_like(short=rising_short())
+    as_json = EXPORTERS["json"](candidate, "tiny", tmp_path / "f.json")
+    as_yaml = EXPORTERS["yaml"](read_source(as_json), "tiny", tmp_path / "f.yaml")  # JSON, then YAML
+    assert json.loads(as_json.read_text())["short_factors"] == list(rising_short())
+    assert yaml.safe_load(as_yaml.read_text())["short_factors"] == list(rising_short())
+    for path in (as_json, as_yaml):
+        assert read_source(path).short_factors == rising_short()  # equal floats, not approximately
+        assert read_source(path) == candidate
 
 
 def small_gguf(path, rotary_dim=64):
@@ -153,6 +198,17 @@ def test_gguf_copy_holds_vectors_and_keys(tmp_path, static):
         assert field("llama.rope.scaling.original_context_length") == 256
         assert reader.get_field("llama.rope.scaling.factor") is None
     assert field("llama.rope.freq_base") == 10000.0
+
+
+def test_gguf_copy_holds_searched_short_factors(tmp_path):
+    import gguf
+
+    source = small_gguf(tmp_path / "model.gguf")
+    candidate = searched_like(short=rising_short())
+    out = EXPORTERS["gguf"](candidate, str(source), tmp_path / "out.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert np.array_equal(tensors["rope_factors_short.weight"].data, np.float32(rising_short()))
+    assert np.array_equal(tensors["rope_factors_long.weight"].data, np.float32(candidate.long_factors))
 
 
 def test_gguf_of_an_hf_model_is_refused(tmp_path):
