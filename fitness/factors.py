@@ -85,14 +85,21 @@ class RopeCandidate(BaseModel):
 
     @classmethod
     def from_source(cls, source: str | Path) -> RopeCandidate:
-        """A run folder (its best factors, with its search config as provenance) or a factor file (JSON
-        or YAML): what export and training take, checked before anything is written."""
+        """A run folder (its best factors, with the short stage's short factors where it has run, and its
+        search config as provenance) or a factor file (JSON or YAML): what export and training take,
+        checked before anything is written."""
         source = Path(source)
         if source.is_dir():
             factors = source / "best_factors.json"
             if not factors.is_file():
                 raise RopeSearchError(f"{source}: no best_factors.json (has the search finished a round?)")
             candidate = _extends(cls.load(factors), factors)
+            short = source / "best_short_factors.json"  # the short-factor stage's, for these long factors
+            if short.is_file():
+                with_short = cls.load(short)
+                if with_short.long_factors != candidate.long_factors:
+                    raise RopeSearchError(f"{short}: searched for other long factors than {factors} holds")
+                candidate = _extends(with_short, short)
             if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
                 config = yaml.safe_load((source / "config.yaml").read_text())
                 candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})

@@ -44,13 +44,19 @@ def _run(run_dir: Path, stop_after: int | None) -> int:
     from search import report, runs
 
     summary = runs.run(run_dir, stop_after=stop_after)
-    print(
-        f"{summary['evaluated']} evaluations in {summary['seconds']:.0f} s; best factors: {run_dir / 'best_factors.json'}"
-    )
+    if "evaluated" in summary:  # the long stage ran in this call
+        print(f"{summary['evaluated']} evaluations in {summary['seconds']:.0f} s; best factors: "
+              f"{run_dir / 'best_factors.json'}")  # fmt: skip
     if summary.get("pruning"):
         print(report.format_pruning(summary["pruning"]))
     if summary.get("report"):
         print(report.format_report(summary["report"]))
+    short = summary.get("short")
+    if short:
+        print(f"short factors: {short['evaluated']} evaluations in {short['seconds']:.0f} s; "
+              f"{run_dir / 'best_short_factors.json'}")  # fmt: skip
+        if short.get("report"):
+            print(report.format_short_report(short["report"]))
     return 0
 
 
@@ -131,10 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("search", help="start a search from a config (creates a run folder)",
                             description="Start a LongRoPE2 search: an Optuna study over the critical-dimension "
-                            "space, scored by Ray workers on needle documents. Creates RUNS_DIR/<name>-<time>/.",
+                            "space, scored by Ray workers on needle documents, then (with short_search) a second "
+                            "study over the short factors, scored on general text inside the window. Creates "
+                            "RUNS_DIR/<name>-<time>/.",
                             epilog="The config's sections: model, scale | target_window, needles (search documents), "
                             "holdout, space, sampler (evolution, tpe, cmaes, random), pruning (multi-fidelity), "
-                            "budget, workers, storage, baselines. configs/default.yaml is a commented example; the README explains each.")  # fmt: skip
+                            "short_guard, budget, workers, storage, baselines; short_search adds a second stage that "
+                            "searches the short factors (inputs inside the window) for the long winner, and "
+                            "long_factors runs that stage alone on given factors. configs/default.yaml is a commented "
+                            "example; the README explains each.")  # fmt: skip
     p.add_argument("config", help="search config YAML (e.g. configs/default.yaml)")
     p.add_argument("--runs-dir", default="runs", help="where run folders are created (default: runs)")
     p.add_argument("--workers", type=int, help="number of scoring workers (overrides workers.count)")

@@ -17,6 +17,7 @@ from fitness.needles import NeedleSettings
 from search.evolution import EvolutionSettings
 from search.guard import ShortGuardSettings
 from search.pruning import PruningSettings
+from search.short_stage import ShortSearchSettings
 from search.space import SpaceSettings
 from search.workers import WorkerSettings
 
@@ -24,7 +25,7 @@ DEFAULT_BASELINES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"]
 # Keys a resumed run may change: where and how fast it runs, never what it searches
 RESUMABLE_CHANGES = ("workers.backend", "workers.count", "workers.address", "workers.cpus_per_worker",
                      "workers.gpus_per_worker", "workers.max_restarts", "workers.in_flight", "model.threads",
-                     "budget.minutes")  # fmt: skip
+                     "budget.minutes", "short_search.minutes")  # fmt: skip
 
 
 def changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -89,11 +90,19 @@ class SearchConfig(BaseModel):
     # an Optuna RDB URL or a journal file; None: SQLite in the run folder
     storage: str | None = Field(default=None, min_length=1)
     baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
+    # the second stage: short factors for the long winner (search/short_stage.py); None: ones are exported
+    short_search: ShortSearchSettings | None = None
+    # a factor file (or run folder) whose long factors are taken as they are: no long stage is run
+    long_factors: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_target(self) -> "SearchConfig":
-        if (self.scale is None) == (self.target_window is None):
+        if self.scale is not None and self.target_window is not None:
             raise ValueError("give exactly one of scale and target_window")
+        if self.scale is None and self.target_window is None and self.long_factors is None:
+            raise ValueError("give exactly one of scale and target_window (or long_factors, whose target is taken)")
+        if self.long_factors is not None and self.short_search is None:
+            raise ValueError("long_factors skips the long stage; add a short_search section to search short factors")
         unknown = [name for name in self.baselines if name not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINES)}")
@@ -103,4 +112,8 @@ class SearchConfig(BaseModel):
         return self
 
     def target(self, original_window: int) -> int:
+        if self.scale is None and self.target_window is None:  # the given long factors' own target
+            from fitness.factors import RopeCandidate
+
+            return RopeCandidate.from_source(self.long_factors).target_window
         return self.target_window or int(round(original_window * self.scale))

@@ -1,4 +1,8 @@
-"""Run and resume a search: a study in Optuna storage, generations of ask -> score -> tell.
+"""Run and resume a search stage: a study in Optuna storage, ask -> score -> tell.
+
+The long stage searches the long factors on needle documents (`open_context`); the short stage
+(search/short_stage.py) searches short factors for a fixed long candidate on general text. Both are
+a `SearchContext` and run through the same loop.
 
 Everything a run knows is in its study: each evaluation is committed (tell) before it counts, so a
 driver killed at any point resumes from storage alone. Trials left RUNNING by a dead driver are
@@ -13,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -21,30 +26,44 @@ from tqdm.auto import tqdm
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.models import load_config
-from search.config import SearchConfig
 from search.evolution import EvolutionarySampler
-from search.guard import SHORT_COST, best_trial, record_cost
+from search.guard import SHORT_COST, ShortGuardSettings, best_trial, record_cost
 from search.liveness import Heartbeat, fail_interrupted
 from search.pruning import make_pruner
 from search.slots import DRIVER, ERROR, NoSlots, Slots
-from search.space import RopeSpace
+from search.space import RopeSpace, ShortSpace
 from search.storage import open_storage
-from search.workers import CandidateScore, Job, WorkerSetup, make_pool
+from search.workers import CandidateScore, Job, TextSetup, WorkerSetup, make_pool
+
+if TYPE_CHECKING:  # the config names the stages' settings, and the short stage's module runs this driver
+    from search.config import SearchConfig
 
 
 @dataclass
 class SearchContext:
-    """What a driver derives from a run's config: geometry, target, space, sampler, study."""
+    """What a driver derives from a run's config for one stage: geometry, target, space, sampler, study,
+    what its workers are built from, the seeds it scores once, its budget and its best-factors file."""
 
     run_dir: Path
     config: SearchConfig
     geometry: RopeGeometry
     target: int
-    space: RopeSpace
+    space: RopeSpace | ShortSpace
     sampler: optuna.samplers.BaseSampler  # called by the study only
     slots: Slots  # what the driver asks: which trials to score next, how many in all
     study: optuna.Study
+    setup: WorkerSetup | TextSetup
+    seeds: dict[str, RopeCandidate]  # scored once per study, kept as its "baselines"
+    evaluations: int | None = None  # budget
+    minutes: float | None = None  # budget
+    first_stage: list[int] | None = None  # under pruning: the documents of the first stage
+    guard: ShortGuardSettings = field(default_factory=ShortGuardSettings)
+    best_file: str = "best_factors.json"
     driver_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
+
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name
 
     def candidate(self, params: dict) -> RopeCandidate:
         return self.space.decode(params)
@@ -76,7 +95,12 @@ def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchCon
         sampler=sampler,
         pruner=make_pruner(config.pruning),
     )
-    return SearchContext(run_dir, config, geometry, target, space, sampler, slots, study)
+    setup = WorkerSetup(config.model, config.needles, target, config.workers.documents_per_forward,
+                        config.short_guard)  # fmt: skip
+    seeds = {name: baseline(name, geometry, target) for name in config.baselines}
+    first_stage = None if config.pruning.name == "none" else list(range(config.pruning.documents))
+    return SearchContext(run_dir, config, geometry, target, space, sampler, slots, study, setup, seeds,
+                         config.budget.evaluations, config.budget.minutes, first_stage, config.short_guard)  # fmt: skip
 
 
 # ---------------------------------------------------------------- asking
@@ -94,23 +118,18 @@ def _ask(ctx: SearchContext) -> optuna.Trial:
     return trial
 
 
-def _first_stage(ctx: SearchContext) -> list[int] | None:
-    pruning = ctx.config.pruning
-    return None if pruning.name == "none" else list(range(pruning.documents))
-
-
 def next_jobs(ctx: SearchContext, limit: int) -> list[Job] | None:
     """Ask up to `limit` trials, in jobs of `candidates_per_forward`, as the slot book hands them out.
     None: nothing can be asked now (the search is finished, or its generation is being finished here or
     by another driver)."""
     k = ctx.config.workers.candidates_per_forward
-    groups = ctx.slots.take(ctx.study, lambda: _ask(ctx), limit, k, pruning=_first_stage(ctx) is not None)
+    groups = ctx.slots.take(ctx.study, lambda: _ask(ctx), limit, k, pruning=ctx.first_stage is not None)
     if groups is None:
         return None
     jobs = []
     for group in groups:
         asked = [Asked(t.trial, ctx.candidate(t.params), goes_on=t.goes_on) for t in group]
-        jobs.append(Job(asked, [a.candidate for a in asked], _first_stage(ctx)))
+        jobs.append(Job(asked, [a.candidate for a in asked], ctx.first_stage))
     return jobs
 
 
@@ -129,7 +148,7 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
     _keep_scores(ctx, trial_id, score)
-    record_cost(storage, trial_id, score.short_cost, ctx.config.short_guard)  # before tell: samplers read it
+    record_cost(storage, trial_id, score.short_cost, ctx.guard)  # before tell: samplers read it
     ctx.study.tell(asked.trial, score.fitness)
     return True
 
@@ -163,7 +182,7 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
 
 def settle(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
     """Tell the study what a job's outcome means. Returns (evaluations settled, a follow-up job or None)."""
-    first_stage = _first_stage(ctx)
+    first_stage = ctx.first_stage
     if first_stage is not None and outcome.job.documents == first_stage:
         return after_first_stage(ctx, outcome)
     scores = outcome.scores or [None] * len(outcome.job.tag)
@@ -177,7 +196,7 @@ def completed(ctx: SearchContext) -> int:
 
 
 def total_budget(ctx: SearchContext) -> int | None:
-    budgets = [b for b in (ctx.config.budget.evaluations, ctx.slots.total) if b is not None]
+    budgets = [b for b in (ctx.evaluations, ctx.slots.total) if b is not None]
     return min(budgets) if budgets else None
 
 
@@ -192,7 +211,7 @@ def best_candidate(ctx: SearchContext) -> tuple[RopeCandidate, optuna.trial.Froz
         "retrieval": best.user_attrs.get("retrieval"),
         SHORT_COST: best.user_attrs.get(SHORT_COST),
         "trial": best.number,
-        "study": ctx.config.name,
+        "study": ctx.study_name,
         "run": ctx.run_dir.name,
         "model": ctx.config.model.name,
     }
@@ -200,13 +219,12 @@ def best_candidate(ctx: SearchContext) -> tuple[RopeCandidate, optuna.trial.Froz
 
 
 def score_baselines(ctx: SearchContext, pool) -> dict:
-    """Baselines on the search documents, once per study (kept in its user attributes)."""
+    """Baselines (the stage's seeds) on the search documents, once per study (kept in its user attributes)."""
     stored = ctx.study.user_attrs.get("baselines")
-    if stored is not None and set(stored) >= set(ctx.config.baselines):
+    if stored is not None and set(stored) >= set(ctx.seeds):
         return stored
-    candidates = [baseline(name, ctx.geometry, ctx.target) for name in ctx.config.baselines]
     results = {}
-    for outcome in pool.run(deque(Job(name, [c]) for name, c in zip(ctx.config.baselines, candidates))):
+    for outcome in pool.run(deque(Job(name, [c]) for name, c in ctx.seeds.items())):
         if outcome.error is None:
             score = outcome.scores[0]
             results[outcome.job.tag] = {"fitness": score.fitness, "retrieval": score.retrieval}
@@ -226,9 +244,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     fail_interrupted(ctx.study, ctx.driver_id)
     heartbeat = Heartbeat(ctx.study, ctx.driver_id)
     heartbeat()
-    setup = WorkerSetup(config.model, config.needles, ctx.target, config.workers.documents_per_forward,
-                        config.short_guard)  # fmt: skip
-    pool = make_pool(config.workers, setup)
+    pool = make_pool(config.workers, ctx.setup)
     started, evaluated = time.time(), 0
     budget = total_budget(ctx)
     k, capacity = config.workers.candidates_per_forward, config.workers.count * config.workers.in_flight
@@ -239,7 +255,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
 
     def room() -> int:
         """How many more trials may be asked now: the budgets, the clock and `stop_after` allowing."""
-        if config.budget.minutes is not None and time.time() - started > config.budget.minutes * 60:
+        if ctx.minutes is not None and time.time() - started > ctx.minutes * 60:
             return 0
         limits = [k]
         if budget is not None:
@@ -319,14 +335,14 @@ def _kept_best(path: Path) -> RopeCandidate | None:
 
 def _guarded_rank(ctx: SearchContext, candidate: RopeCandidate) -> tuple[float, float]:
     """(short-window guard violation, needle PPL): the order best_trial uses, for a saved candidate."""
-    cost, limit = candidate.params.get(SHORT_COST), ctx.config.short_guard.max_cost
+    cost, limit = candidate.params.get(SHORT_COST), ctx.guard.max_cost
     return (max(0.0, cost - limit) if cost is not None and limit is not None else 0.0), candidate.params["fitness"]
 
 
 def write_best(ctx: SearchContext) -> RopeCandidate | None:
     """best_factors.json: replaced only by a better candidate (lower needle PPL), never by a worse one,
     even if the study it came from was lost and searched again. Returns the candidate it holds."""
-    path = ctx.run_dir / "best_factors.json"
+    path = ctx.run_dir / ctx.best_file
     found = best_candidate(ctx)
     kept = _kept_best(path)
     if found is None:
@@ -334,7 +350,7 @@ def write_best(ctx: SearchContext) -> RopeCandidate | None:
     candidate, _ = found
     if kept is not None and _guarded_rank(ctx, kept) <= _guarded_rank(ctx, candidate):
         return kept
-    tmp = ctx.run_dir / "best_factors.json.tmp"
+    tmp = path.with_name(path.name + ".tmp")
     candidate.save(tmp)
     os.replace(tmp, path)
     return candidate

@@ -15,7 +15,7 @@ from fitness.factors import BASELINES, RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name
 from fitness.needles import NeedleSettings, haystack_texts
-from search.report import format_table_by_format, plot_lengths
+from search.report import format_table_by_format, plot_lengths, short_text_table
 
 
 class EvalConfig(BaseModel):
@@ -26,7 +26,7 @@ class EvalConfig(BaseModel):
     needles: NeedleSettings = Field(default_factory=NeedleSettings)
     multiples: list[float] = Field(default_factory=lambda: [1, 2, 4])  # of the original window
     methods: list[str] = Field(default_factory=lambda: ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"])
-    factors: dict[str, str] = Field(default_factory=dict)  # label: factor file (e.g. a run's best_factors.json)
+    factors: dict[str, str] = Field(default_factory=dict)  # label: factor file or run folder
     candidates_per_forward: int = Field(default=4, gt=0)
     documents_per_forward: int = Field(default=1, gt=0)
     # general English text inside the original window, under each method as deployed for the longest
@@ -44,17 +44,6 @@ class EvalConfig(BaseModel):
         return self
 
 
-def format_short_text(short_text: dict | None, target: int) -> list[str]:
-    if not short_text:
-        return []
-    lengths = list(next(iter(short_text.values())))
-    lines = [f"general-text PPL inside the window (cost vs no scaling), each method as deployed for {target} tokens",
-             f"{'method':<16}" + "".join(f"{n:>18}" for n in lengths)]  # fmt: skip
-    for name, rows in short_text.items():
-        lines.append(f"{name:<16}" + "".join(f"{rows[n]['ppl']:>9.5g} ({rows[n]['cost']:>+6.1%})" for n in lengths))
-    return lines
-
-
 def format_table(results: dict, short_text: dict | None = None) -> str:
     lengths = sorted({int(n) for rows in results.values() for n in rows})
     head = f"{'method':<16}" + "".join(f"{n:>16}" for n in lengths)
@@ -66,7 +55,10 @@ def format_table(results: dict, short_text: dict | None = None) -> str:
         by_format = format_table_by_format({name: rows[n] for name, rows in results.items() if n in rows})
         if by_format:
             lines += [f"needle PPL (retrieval) by format at {n} tokens"] + by_format
-    return "\n".join(lines + format_short_text(short_text, lengths[-1]))
+    if short_text:
+        title = f"general-text PPL inside the window (cost vs no scaling), each method as deployed for {lengths[-1]} tokens"
+        lines += short_text_table(short_text, title)
+    return "\n".join(lines)
 
 
 def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
@@ -81,7 +73,7 @@ def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandi
     haystack_texts(config.needles.haystack)
     candidates = {}
     for label, path in config.factors.items():
-        candidates[label] = RopeCandidate.load(path)
+        candidates[label] = RopeCandidate.from_source(path)  # a factor file or a run folder
         check_geometry(candidates[label], geometry, source=path)
     check_limits(config.model_dump(), source)
     check_model(config.model, source)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -132,6 +133,9 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
         raise RopeSearchError(
             f"{gguf_file}: rope.dimension_count {n_rot.contents()} needs {n_rot.contents() // 2} factors"
         )
+    if static and candidate.short_factors is not None and candidate.short_factors != candidate.long_factors:
+        warnings.warn("--static writes one factor vector for every length: the searched short factors are left "
+                      "out (llama.cpp then applies the long ones to short prompts too)", stacklevel=2)  # fmt: skip
     new_keys = gguf_metadata(candidate, arch, static)
     # never rope.scaling.factor with longrope: llama.cpp would apply it on top of the factors
     dropped = {f"{arch}.rope.scaling.factor", f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.attn_factor"}

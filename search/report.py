@@ -127,7 +127,11 @@ def _cost(short_cost: float | None) -> str:
     return "" if short_cost is None else f", short-window cost {short_cost:+.1%}"
 
 
-def format_status(study, baselines: dict, total: int | None, sampler_state=None) -> str:
+def _retrieval(retrieval: float | None) -> str:
+    return "" if retrieval is None else f", retrieval {retrieval:.0%}"
+
+
+def format_status(study, baselines: dict, total: int | None, sampler_state=None, what: str = "needle PPL") -> str:
     trials = study.get_trials(deepcopy=False)
     count = {state: sum(t.state == state for t in trials) for state in TrialState}
     settled = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
@@ -142,9 +146,8 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
                      f"{sampler_state.running} running")  # fmt: skip
     if count[TrialState.COMPLETE]:
         best = best_trial(study)
-        lines.append(f"best so far on the search documents: needle PPL {best.value:.4g} (trial {best.number}, "
-                     f"retrieval {best.user_attrs.get('retrieval', float('nan')):.0%}"
-                     f"{_cost(best.user_attrs.get(SHORT_COST))})")  # fmt: skip
+        lines.append(f"best so far on the search documents: {what} {best.value:.4g} (trial {best.number}"
+                     f"{_retrieval(best.user_attrs.get('retrieval'))}{_cost(best.user_attrs.get(SHORT_COST))})")  # fmt: skip
         for name, row in sorted(baselines.items(), key=lambda item: item[1]["fitness"]):
             lines.append(
                 f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)"
@@ -158,6 +161,23 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None)
             reasons[reason] = reasons.get(reason, 0) + 1
         lines.append("failures: " + ", ".join(f"{n}x {r}" for r, n in reasons.items()))
     return "\n".join(lines)
+
+
+def short_text_table(short_text: dict, title: str, indent: str = "") -> list[str]:
+    """Rows of methods, a "PPL (cost)" column per short length."""
+    lengths = list(next(iter(short_text.values())))
+    lines = [title, f"{indent}{'method':<16}" + "".join(f"{n:>20}" for n in lengths)]
+    for name, rows in short_text.items():
+        cells = "".join(f"{rows[n]['ppl']:>11.5g} ({rows[n]['cost']:>+6.1%})" for n in lengths)
+        lines.append(f"{indent}{name:<16}{cells}")
+    return lines
+
+
+def format_short_report(result: dict) -> str:
+    """General-text PPL inside the window on the evaluation part: seeds and searched short factors."""
+    title = (f"short factors: general-text PPL inside the window (evaluation part, {result['windows']} windows per "
+             f"length; cost vs no scaling), attention factor {result['attention_factor']:.4g}")  # fmt: skip
+    return "\n".join(short_text_table(result["methods"], title, indent="  "))
 
 
 def format_pruning(saved: dict) -> str:
@@ -188,7 +208,29 @@ def plot_factors(candidate: RopeCandidate, geometry: RopeGeometry, target: int, 
     plt.close(fig)
 
 
-def plot_fitness(study, baselines: dict, path: Path) -> None:
+def plot_short_factors(candidate: RopeCandidate, seeds: dict[str, RopeCandidate], path: Path) -> None:
+    """The searched short factors against the seeds they started from and the long factors."""
+    plt = _matplotlib()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pairs = range(candidate.geometry.pairs)
+    ax.plot(pairs, candidate.long_factors, label="long (fixed)", lw=1.5, color="gray")
+    for name, seed in seeds.items():
+        ax.plot(pairs, seed.factors(long=False), label=f"seed {name}", lw=1, ls="--")
+    ax.plot(pairs, candidate.factors(long=False), label="searched short", lw=2.5, color="black")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency pair i (0 = highest frequency)")
+    ax.set_ylabel("rescale factor λ_i")
+    ax.set_title(f"short factors (inside {candidate.geometry.original_window} tokens), attention factor "
+                 f"{candidate.attention_factor:.4g}")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fitness(study, baselines: dict, path: Path, what: str = "needle PPL (search documents)") -> None:
     plt = _matplotlib()
     if plt is None:
         return
@@ -210,12 +252,12 @@ def plot_fitness(study, baselines: dict, path: Path) -> None:
         if points:
             ax.scatter(*zip(*points), s=8, alpha=0.4, marker=marker, label=label)
     ax.plot(x, best, color="black", lw=2, label="best so far")
-    for name in ("yarn", "ntk", "critical_ntk"):
-        if name in baselines:
-            ax.axhline(baselines[name]["fitness"], ls="--", lw=1, label=name, color=f"C{CURVES.index(name) + 1}")
+    shown = [name for name in ("yarn", "ntk", "critical_ntk") if name in baselines] or list(baselines)[:4]
+    for i, name in enumerate(shown):
+        ax.axhline(baselines[name]["fitness"], ls="--", lw=1, label=name, color=f"C{i + 2}")
     ax.set_yscale("log")
     ax.set_xlabel("evaluation")
-    ax.set_ylabel("needle PPL (search documents)")
+    ax.set_ylabel(what)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

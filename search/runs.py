@@ -7,12 +7,15 @@ held-out report.
         study.db            the Optuna study (unless `storage` points elsewhere)
         driver.lock         held by the driver running this folder: a second resume is refused
         best_factors.json   the best candidate so far, rewritten atomically every 10 s and at the end,
-                            and only ever by a better one
+                            and only ever by a better one (with `long_factors:`, a copy of them)
         baselines.json      baselines on the search documents
         report.json         held-out needle PPL: baselines, searched, the model's own in-window PPL
                             (and, under pruning, the scorings it saved)
         factors.png         the searched factor curve against PI / NTK / YaRN / critical-dim NTK
         fitness.png         needle PPL over evaluations
+        best_short_factors.json, short_report.json, short_factors.png, short_fitness.png
+                            with a `short_search` section: the second stage (search/short_stage.py),
+                            begun once the long stage is finished
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config, load_model, machine_name
-from search import driver, report
+from fitness.factors import RopeCandidate, check_geometry
+from search import driver, report, short_stage
 from fitness.config_checks import (MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model,
                                    naming)  # fmt: skip
 from search.config import SearchConfig, unresumable_changes
@@ -51,6 +55,9 @@ def load_search_config(config_path: Path, overrides: dict | None = None) -> Sear
     source = str(config_path)
     data = read_yaml(config_path)
     check_finite(data, source)
+    if isinstance(data, dict) and data.get("long_factors") and "scale" not in data and "target_window" not in data:
+        with naming(source, "long_factors"):  # the target is the one the given factors were made for
+            data["target_window"] = RopeCandidate.from_source(str(data["long_factors"])).target_window
     config = validate(data, SearchConfig, source)
     if overrides:
         data = config.model_dump()
@@ -78,6 +85,15 @@ def check_search(config: SearchConfig, source: str) -> None:
         raise RopeSearchError(f"{source}: {key}: a target of {target} tokens is beyond {MAX_TARGET_WINDOW}")
     with naming(source, "space"):
         RopeSpace(geometry, target, config.space)
+    if config.long_factors is not None:
+        with naming(source, "long_factors"):
+            given = RopeCandidate.from_source(config.long_factors)
+            check_geometry(given, geometry, source=config.long_factors)
+        if given.target_window != target:
+            raise RopeSearchError(f"{source}: long_factors {config.long_factors} were made for {given.target_window} "
+                                  f"tokens, the config's target is {target}")  # fmt: skip
+    if config.short_search is not None:
+        short_stage.check_lengths(config, geometry.original_window, source)
     check_haystacks(config.needles.haystack, source, "needles.haystack")
     check_haystacks(config.holdout.haystack, source, "holdout.haystack")
     check_reachable(config.storage, source)
@@ -109,6 +125,8 @@ def create(config: SearchConfig, runs_dir: Path) -> Path:
     tmp.mkdir()
     try:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        if config.long_factors is not None:  # the long stage's result, given
+            RopeCandidate.from_source(config.long_factors).save(tmp / "best_factors.json")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(storage=open_storage(config.storage, tmp), study_name=config.name,
                                     direction="minimize", load_if_exists=True)  # fmt: skip
@@ -221,12 +239,25 @@ def finish(ctx: driver.SearchContext) -> dict | None:
     return result
 
 
+def long_stage_done(run_dir: Path, config: SearchConfig) -> bool:
+    """Given factors, or a finished long stage (its report is written last): the short stage may begin."""
+    return config.long_factors is not None or (Path(run_dir) / "report.json").exists()
+
+
 def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> dict:
+    """Both stages, each resumed where it stands: the long one until its budget is spent and its report
+    written, then (with `short_search`) the short one. `stop_after` counts this call's evaluations."""
     config = load(run_dir)
     ctx = open_run(Path(run_dir), config)  # reads only: a lost study is refused before anything is written
     with driver_lock(run_dir):
-        summary = driver.search(ctx, stop_after=stop_after, quiet=quiet)
-        return _finish_run(ctx, summary, stop_after)
+        summary = {"long_done": True}  # nothing left to do in the long stage
+        if config.short_search is None or not long_stage_done(run_dir, config):
+            summary = _finish_run(ctx, driver.search(ctx, stop_after=stop_after, quiet=quiet), stop_after)
+        if config.short_search is not None and long_stage_done(run_dir, config):
+            left = None if stop_after is None else stop_after - summary.get("evaluated", 0)
+            if left is None or left > 0:
+                summary["short"] = short_stage.run(Path(run_dir), config, stop_after=left, quiet=quiet)
+        return summary
 
 
 def _finish_run(ctx: driver.SearchContext, summary: dict, stop_after: int | None) -> dict:
@@ -242,6 +273,8 @@ def _finish_run(ctx: driver.SearchContext, summary: dict, stop_after: int | None
 
 def status(run_dir: Path) -> str:
     config = load(run_dir)
+    if config.long_factors is not None:
+        return f"long factors given: {config.long_factors}\n" + _short_status(Path(run_dir), config)
     ctx = open_run(Path(run_dir), config, read_only=True)
     state = ctx.slots.state(ctx.study)
     text = report.format_status(ctx.study, ctx.study.user_attrs.get("baselines", {}), driver.total_budget(ctx), state)
@@ -249,4 +282,19 @@ def status(run_dir: Path) -> str:
         text += "\n" + report.format_pruning(saved_scorings(ctx.study, config.pruning, config.needles.documents))
     if (Path(run_dir) / "report.json").exists():
         text += "\n" + report.format_report(json.loads((Path(run_dir) / "report.json").read_text()))
+    if config.short_search is not None:
+        text += "\n" + _short_status(Path(run_dir), config)
+    return text
+
+
+def _short_status(run_dir: Path, config: SearchConfig) -> str:
+    if not long_stage_done(run_dir, config):
+        return "short factors: begin when the long stage has finished"
+    ctx = short_stage.open_context(run_dir, config, read_only=True)
+    if ctx is None:
+        return "short factors: not begun"
+    baselines = ctx.study.user_attrs.get("baselines", {})
+    text = report.format_status(ctx.study, baselines, driver.total_budget(ctx), what="general-text PPL")
+    if (run_dir / "short_report.json").exists():
+        text += "\n" + report.format_short_report(json.loads((run_dir / "short_report.json").read_text()))
     return text

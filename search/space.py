@@ -156,3 +156,50 @@ class RopeSpace:
         start = params["critical_dim"] if self.critical else 0
         factors = tuple(round(params[f"f{i}"], 5) for i in range(start, self.pairs))
         return (params.get("critical_dim"), factors, round(params.get("attention_factor", self.attention), 5))
+
+
+# ---------------------------------------------------------------- the short factors (second stage)
+class ShortSpaceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["monotone", "free"] = "monotone"  # monotone: never decreasing over the pairs, as the long ones
+    low: float = Field(default=1.0, gt=0)
+    high: float | None = Field(default=None, gt=0)  # None: the long factors' scale s
+
+    @field_validator("high")
+    @classmethod
+    def _above_low(cls, value, info):
+        if value is not None and value < info.data.get("low", 0):
+            raise ValueError("must be at least low")
+        return value
+
+
+class ShortSpace:
+    """Short factors (one per pair, `s{i}`) for a fixed long candidate: its long factors and attention
+    factor never change here, so whatever this stage finds leaves inputs beyond the window as they were."""
+
+    def __init__(self, long: RopeCandidate, settings: ShortSpaceSettings):
+        self.long, self.settings, self.pairs = long, settings, long.geometry.pairs
+        self.low = settings.low
+        self.high = settings.high if settings.high is not None else max(long.scale, settings.low)
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {f"s{i}": FloatDistribution(self.low, self.high) for i in range(self.pairs)}
+
+    def repair(self, params: dict) -> dict:
+        values = [min(max(float(params[f"s{i}"]), self.low), self.high) for i in range(self.pairs)]
+        if self.settings.mode == "monotone":
+            values.sort()
+        return {f"s{i}": value for i, value in enumerate(values)}
+
+    def decode(self, params: dict) -> RopeCandidate:
+        params = self.repair(params)
+        short = tuple(params[f"s{i}"] for i in range(self.pairs))
+        return self.long.model_copy(update={"short_factors": short, "method": "longrope2-search+short"})
+
+    def encode(self, candidate: RopeCandidate) -> dict:
+        return self.repair({f"s{i}": f for i, f in enumerate(candidate.factors(long=False))})
+
+    def seed(self, exponent: float) -> RopeCandidate:
+        """Short factors long^p: 0 gives ones (what the long stage exports), 1 the long factors themselves."""
+        return self.decode({f"s{i}": f**exponent for i, f in enumerate(self.long.long_factors)})

@@ -6,13 +6,16 @@ in this process (tests, notebooks, and the reference for Ray's overhead). Both t
 deque that the caller may extend while results come back, and hand back results in completion
 order; a batch that fails comes back as an error string, never as an exception that stops the search.
 
-What crosses to a worker is typed and already validated: `WorkerSetup` once per worker, a `Batch`
-(candidates and documents) per job, and a list of `CandidateScore` back; Ray pickles them as they are.
+What crosses to a worker is typed and already validated: a setup once per worker (`WorkerSetup`:
+needle documents, the long stage; `TextSetup`: general-text windows, the short-factor stage), a
+`Batch` (candidates and documents) per job, and a list of `CandidateScore` back; Ray pickles them as
+they are.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -20,11 +23,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
-from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
+from fitness.general_text import (candidate_perplexities, candidate_window_nll, general_windows, haystack_windows,
+                                  perplexity, window_nll)  # fmt: skip
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
@@ -79,6 +84,15 @@ class WorkerSetup:
 
 
 @dataclass(frozen=True)
+class TextSetup:
+    """A short-factor worker: general-text windows (the search part) at lengths inside the window."""
+
+    model: ModelSettings
+    lengths: tuple[int, ...]
+    windows: int  # per length
+
+
+@dataclass(frozen=True)
 class Batch:
     """One job as it goes to a worker: candidates scored together, on all documents or the given ones."""
 
@@ -90,8 +104,8 @@ class Batch:
 class CandidateScore:
     """One candidate's score as it comes back from a worker."""
 
-    fitness: float  # needle PPL: exp(mean over documents of the mean answer-token NLL)
-    retrieval: float
+    fitness: float  # needle PPL: exp(mean over documents of the mean answer-token NLL); text PPL for TextWorker
+    retrieval: float | None
     document_nll: list[float]
     document_exact: list[bool]
     seconds: float  # the batch's time, shared evenly by its candidates
@@ -140,6 +154,36 @@ class ScoringWorker:
         return [CandidateScore.of(s, seconds, cost) for s, cost in zip(scores, costs)]
 
 
+class TextWorker:
+    """One model replica and general-text windows; scores a batch of candidates by their perplexity
+    (every window counts once, whatever its length) and its cost against the model's own."""
+
+    def __init__(self, setup: TextSetup):
+        self.model, self.tokenizer = load_model(setup.model)
+        pin_geometry(self.model)
+        self.windows = [general_windows(self.tokenizer, n, setup.windows, part="search") for n in setup.lengths]
+        own = torch.cat([window_nll(self.model, ids) for ids in self.windows])
+        self.own_ppl = math.exp(own.mean().item())
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "device": str(next(self.model.parameters()).device),
+                "documents": sum(len(ids) for ids in self.windows)}  # fmt: skip
+
+    def score(self, batch: Batch) -> list[CandidateScore]:
+        started = time.perf_counter()
+        candidates = list(batch.candidates)
+        nll = torch.cat([candidate_window_nll(self.model, ids, candidates) for ids in self.windows], dim=1)
+        seconds = (time.perf_counter() - started) / len(candidates)
+        scores = []
+        for row in nll:
+            ppl = math.exp(row.mean().item())
+            scores.append(CandidateScore(ppl, None, row.tolist(), [], seconds, short_cost=ppl / self.own_ppl - 1))
+        return scores
+
+
+WORKERS = {WorkerSetup: ScoringWorker, TextSetup: TextWorker}
+
+
 @dataclass
 class Job:
     """A batch of candidates to score; `tag` is the caller's and stays on the caller's side."""
@@ -162,8 +206,8 @@ class Outcome:
 class LocalPool:
     """One worker in this process."""
 
-    def __init__(self, settings: WorkerSettings, setup: WorkerSetup):
-        self.worker = ScoringWorker(setup)
+    def __init__(self, settings: WorkerSettings, setup: WorkerSetup | TextSetup):
+        self.worker = WORKERS[type(setup)](setup)
 
     def run(self, jobs: deque[Job]) -> Iterator[Outcome]:
         while jobs:
@@ -180,7 +224,7 @@ class LocalPool:
 class RayPool:
     """`settings.count` Ray actors; the driver reads like the local version."""
 
-    def __init__(self, settings: WorkerSettings, setup: WorkerSetup):
+    def __init__(self, settings: WorkerSettings, setup: WorkerSetup | TextSetup):
         import ray
 
         self.ray, self.settings = ray, settings
@@ -198,7 +242,7 @@ class RayPool:
             else:  # "local": a new cluster of our own, never whatever `ray start` left running here
                 cpus = max(os.cpu_count() or 1, int(settings.count * settings.cpus_per_worker + 0.999))
                 ray.init(address="local", num_cpus=cpus, **kwargs)
-        self.actor_class = ray.remote(ScoringWorker).options(
+        self.actor_class = ray.remote(WORKERS[type(setup)]).options(
             num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker, max_restarts=0
         )
         self.setup = setup
@@ -256,5 +300,5 @@ def _first_line(err: BaseException) -> str:
 POOLS = {"ray": RayPool, "local": LocalPool}
 
 
-def make_pool(settings: WorkerSettings, setup: WorkerSetup):
+def make_pool(settings: WorkerSettings, setup: WorkerSetup | TextSetup):
     return POOLS[settings.backend](settings, setup)

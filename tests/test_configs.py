@@ -29,7 +29,7 @@ def factor_files(config) -> list[str]:
         return list(config.factors.values())
     if isinstance(config, FinetuneConfig):
         return [config.factors]
-    return []
+    return [config.long_factors] if config.long_factors else []
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
