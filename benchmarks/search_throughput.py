@@ -1,6 +1,7 @@
 """Search throughput with 1 and 2 Ray workers, and the loop's overhead over scoring in-process.
 
-Runs the same number of evaluations of a search config three ways, in one run (JSON out):
+Runs the same number of evaluations of a search config several ways, in one run (JSON out, written
+again after each way, so a run cut short keeps what it measured):
   in_process   the candidates of those evaluations scored by one ScoringWorker in this process:
                no Optuna, no proposals, no Ray (the floor)
   local        the whole search loop, scoring in the driver process (Optuna + proposals + storage)
@@ -30,18 +31,19 @@ from search.workers import Batch, ScoringWorker, WorkerSetup  # noqa: E402
 
 def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        config = runs.load_search_config(config_path, {"budget.minutes": None, **overrides})
+        # one baseline: they are scored before the loop's clock starts, and at 32k six cost a minute
+        config = runs.load_search_config(config_path, {"budget.minutes": None, "baselines": ["none"], **overrides})
         run_dir = runs.create(config, Path(tmp))
         ctx = driver.open_context(run_dir, config)
         summary = driver.search(ctx, stop_after=evaluations, quiet=True)
         candidates = [ctx.candidate(t.params) for t in sorted(ctx.study.trials, key=lambda t: t.number)]
     summary["evaluations_per_s"] = summary["evaluated"] / summary["loop_seconds"]
     summary["startup_seconds"] = summary["seconds"] - summary["loop_seconds"]
-    return summary, candidates, config, ctx.target
+    return summary, candidates, config, ctx.setup
 
 
-def in_process(config, candidates, target: int) -> dict:
-    worker = ScoringWorker(WorkerSetup(config.model, config.needles, target, config.workers.documents_per_forward))
+def in_process(config, candidates, setup: WorkerSetup) -> dict:
+    worker = ScoringWorker(setup)  # what the loop's workers are built from, the short-window guard included
     k = config.workers.candidates_per_forward
     batches = [Batch(tuple(candidates[i : i + k])) for i in range(0, len(candidates), k)]
     worker.score(batches[0])  # warm-up
@@ -60,31 +62,44 @@ def main():
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    results = {}
-    local, candidates, config, target = run_search(args.config, args.evaluations, {"workers.backend": "local"})
-    results["local"] = local
-    results["in_process"] = in_process(config, candidates, target)
-    for count in args.workers:
-        results[f"ray_{count}"], *_ = run_search(
-            args.config, args.evaluations, {"workers.backend": "ray", "workers.count": count}
-        )
-        import ray
+    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+               f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores")  # fmt: skip
+    results: dict = {}
 
-        ray.shutdown()
-    floor = results["in_process"]["evaluations_per_s"]
-    summary = {
-        "loop_overhead_local": floor / results["local"]["evaluations_per_s"] - 1,
-        "loop_overhead_ray_1": floor / results["ray_1"]["evaluations_per_s"] - 1 if "ray_1" in results else None,
-    }
-    if "ray_1" in results and "ray_2" in results:
-        summary["ray_2_over_ray_1"] = results["ray_2"]["evaluations_per_s"] / results["ray_1"]["evaluations_per_s"]
-    documents = config.needles.documents
-    for row in results.values():
-        row["candidate_docs_per_s"] = row["evaluations_per_s"] * documents
-    payload = {"machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
-               f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores",
-               "config": str(args.config), "documents": documents, "results": results, "summary": summary}  # fmt: skip
-    emit(payload, args.out)
+    def write(complete: bool) -> None:
+        """After every mode: a call cut short by its time limit still leaves what it measured."""
+        floor = results.get("in_process", {}).get("evaluations_per_s")
+        summary = {f"loop_overhead_{mode}": floor / row["evaluations_per_s"] - 1
+                   for mode, row in results.items() if floor and mode != "in_process"}  # fmt: skip
+        if "ray_1" in results and "ray_2" in results:
+            summary["ray_2_over_ray_1"] = results["ray_2"]["evaluations_per_s"] / results["ray_1"]["evaluations_per_s"]
+        documents = config.needles.documents
+        for row in results.values():
+            row["candidate_docs_per_s"] = row["evaluations_per_s"] * documents
+        emit({"machine": machine, "config": str(args.config), "documents": documents, "complete": complete,
+              "results": results, "summary": summary}, args.out)  # fmt: skip
+
+    # Ray with one worker first (the default deployment, and the candidates every other mode scores),
+    # then the floor it is measured against, then the rest
+    counts = sorted(args.workers)
+    first = {"workers.backend": "ray", "workers.count": counts[0]}
+    results[f"ray_{counts[0]}"], candidates, config, setup = run_search(args.config, args.evaluations, first)
+    _shutdown_ray()
+    results["in_process"] = in_process(config, candidates, setup)
+    write(False)
+    for count in counts[1:]:
+        results[f"ray_{count}"], *_ = run_search(args.config, args.evaluations, {"workers.backend": "ray",
+                                                                                 "workers.count": count})  # fmt: skip
+        _shutdown_ray()
+        write(False)
+    results["local"], *_ = run_search(args.config, args.evaluations, {"workers.backend": "local"})
+    write(True)
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 if __name__ == "__main__":

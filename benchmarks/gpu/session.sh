@@ -11,11 +11,13 @@
 #   session.sh part K          copy .bundle/K/part_* to /tmp/bundle
 #   session.sh setup           assemble, install, check the GPU
 #   session.sh scoring         scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
-#   session.sh search16|32 [N] the 16k / 32k search (N: stop after N evaluations, a smoke run)
-#   session.sh train32 [N]     mixed-window fine-tune with this machine's 32k factors (else the committed
-#                              ones); N: train N steps only (a smoke run, results not kept)
+#   session.sh search16|32 [N] the 16k / 32k search, both stages (N: stop after N evaluations, a smoke run)
+#   session.sh short32 [N]     the short-factor stage alone for the committed 32k factors
+#   session.sh train32 [N]     mixed-window fine-tune with this machine's 32k run (long and short factors;
+#                              else the committed ones); N: train N steps only (a smoke run, results not kept)
 #   session.sh eval            needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
-#   session.sh throughput      the search loop against in-process scoring at 32k
+#   session.sh throughput [N]  the search loop against in-process scoring at 32k (N evaluations, 24);
+#                              its JSON is rewritten after each mode, so a call cut short keeps what ran
 # Results go to $OUT/<card>/ (they come back to benchmarks/results/<card>/).
 set -euo pipefail
 step=${1:?step}
@@ -29,7 +31,8 @@ mkdir -p "$OUT/$card"
 
 keep() {  # copy a run folder's results to $OUT with a prefix
   local run=$1 prefix=$2
-  for f in best_factors.json report.json baselines.json study.db config.yaml; do
+  for f in best_factors.json report.json baselines.json study.db config.yaml best_short_factors.json \
+           short_report.json; do
     [ -f "$run/$f" ] && cp "$run/$f" "$OUT/$card/$prefix-$f"
   done
   return 0
@@ -51,17 +54,18 @@ case "$step" in
   scoring)
     $py benchmarks/scoring.py --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
         --docs 4 --candidates 4 --repeats 3 --out "$OUT/$card/scoring.json" ;;
-  search16|search32)
-    length=${step#search}
+  search16|search32|short32)
+    config=configs/smollm2-${step#search}k.yaml name=smollm2-${step#search}k
+    [ "$step" = short32 ] && config=configs/smollm2-32k-short.yaml name=smollm2-32k-short
     limit=${2:-}
-    $py -m search.cli search "configs/smollm2-${length}k.yaml" --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
+    $py -m search.cli search "$config" --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
         | tr '\r' '\n' | grep -v "^search: " | tail -40
-    run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-* | tail -1)
+    run=$(ls -d /tmp/gpu/runs/$name-2* | tail -1)
     [ -n "$limit" ] && { rm -rf "$run"; exit 0; }
-    keep "$run" "smollm2-${length}k" ;;
+    keep "$run" "$name" ;;
   train32)
     steps=${2:-}
-    factors=$(ls -d /tmp/gpu/runs/smollm2-32k-* 2>/dev/null | tail -1 || true)
+    factors=$(ls -d /tmp/gpu/runs/smollm2-32k-* 2>/dev/null | tail -1 || true)  # a run folder: long + short
     out=/tmp/gpu/train32${steps:+-smoke}
     sed -e "s#^factors: .*#factors: ${factors:-benchmarks/results/h100/smollm2-32k-best_factors.json}#" \
         ${steps:+-e "s#^  steps: .*#  steps: $steps#" -e "s#^  checkpoint_every: .*#  checkpoint_every: 1#"} \
@@ -86,7 +90,7 @@ case "$step" in
     $py -m search.cli eval configs/eval-smollm2.yaml --out /tmp/gpu/eval 2>&1 | tr '\r' '\n' | grep -v "^eval: " | tail -40
     cp /tmp/gpu/eval/eval.json "$OUT/$card/eval-smollm2.json" ;;
   throughput)
-    $py benchmarks/search_throughput.py configs/smollm2-32k.yaml --evaluations 24 --workers 1 \
+    $py benchmarks/search_throughput.py configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
         --out "$OUT/$card/search-throughput-32k.json" ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;
