@@ -9,6 +9,18 @@ virtual environment; the two halves meet in a folder:
     VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --out RESULT.json
     # the same without the mscale keys: vLLM falls back to sqrt(1 + ln s / ln L)
     VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --drop-mscale
+    # searched short factors (1 -> 2, not ones) on 4 documents of L - 1 tokens, vLLM started with
+    # max_model_len = L so it runs them; exits 1 when vLLM misses ropesearch by more than 1e-4
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --short --out RESULT.json
+    # the same export and documents with max_model_len > L: vLLM runs the long factors on them instead
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --short --max-model-len 1025
+
+vLLM 0.32 picks short or long factors once per engine, not per prompt:
+Phi3LongRoPEScaledRotaryEmbedding.__init__ sets use_long_rope = max_model_len > original_max_position_embeddings
+(vllm/model_executor/layers/rotary_embedding/phi3_long_rope_scaled_rope.py), and forward() offsets
+every position into the long half of its cos/sin cache when it is set. Without max_model_len, a
+longrope model gets max_model_len = original_max_position_embeddings (vllm/config/model.py), so short.
+A prompt must leave room for the generated token (prompt < max_model_len), hence L - 1 tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +34,14 @@ import time
 from pathlib import Path
 
 ATTENTION = 1.3  # not the default 1.118 for 4x at window 256: an ignored attention factor shows
+# vLLM (float32, CPU) against ropesearch's answer NLL with searched short factors; ones instead of
+# them move it by more than 1, so lost short factors cannot hide in it
+SHORT_TOLERANCE = 1e-4
+
+
+def rising_short(pairs: int) -> tuple[float, ...]:
+    """tests/test_export.py's searched-like short factors: 1 (fastest pair) to 2 (slowest), not ones."""
+    return tuple(1.0 + math.sqrt(i / (pairs - 1)) for i in range(pairs))
 
 
 def prepare(folder: Path) -> None:
@@ -44,16 +64,99 @@ def prepare(folder: Path) -> None:
     fallback = candidate.model_copy(update={"attention_factor": math.sqrt(1 + math.log(4) / math.log(256))})
     needles = build_needle_set(tokenizer, NeedleSettings(documents=4, seed=11), 1024)
     docs = [{"ids": needles.input_ids[j].tolist(), "answers": needles.answers[j].tolist()} for j in range(4)]
-    (folder / "docs.json").write_text(json.dumps({
-        "docs": docs,
-        "ropesearch": score_candidate(model, needles, candidate).document_nll,
-        "default_attention": score_candidate(model, needles, fallback).document_nll,
-    }))
+    (folder / "docs.json").write_text(
+        json.dumps(
+            {
+                "docs": docs,
+                "ropesearch": score_candidate(model, needles, candidate).document_nll,
+                "default_attention": score_candidate(model, needles, fallback).document_nll,
+            }
+        )
+    )
+
+    # searched short factors: the same long factors and attention factor, short factors 1 -> 2
+    searched = make_candidate(
+        g, 1024, candidate.long_factors, attention_factor=ATTENTION, short_factors=rising_short(g.pairs)
+    )
+    if (folder / "hf-short").exists():
+        shutil.rmtree(folder / "hf-short")
+    EXPORTERS["hf"](searched, "tiny", folder / "hf-short")
+    as_long = make_candidate(g, 1024, candidate.long_factors, static=True, attention_factor=ATTENTION)
+    short = build_needle_set(tokenizer, NeedleSettings(documents=4, seed=12), g.original_window - 1)
+    docs = [{"ids": short.input_ids[j].tolist(), "answers": short.answers[j].tolist()} for j in range(4)]
+    (folder / "short-docs.json").write_text(
+        json.dumps(
+            {
+                "docs": docs,
+                "window": g.original_window,
+                "short_factors": list(searched.short_factors),
+                "ropesearch": score_candidate(model, short, searched).document_nll,  # inside L: short factors
+                "ones": score_candidate(model, short, candidate).document_nll,  # short factors of ones
+                "long_factors": score_candidate(model, short, as_long).document_nll,  # what an engine > L runs
+            }
+        )
+    )
+
+
+def vllm_answer_nll(model_dir: Path, docs: list[dict], max_model_len: int) -> list[float]:
+    from vllm import LLM, SamplingParams
+
+    # a fixed 1 GiB KV cache: by default vLLM's CPU build reserves 92 % of RAM and refuses to start
+    # when other processes hold more than 8 % of it
+    llm = LLM(
+        model=str(model_dir),
+        dtype="float32",
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        kv_cache_memory_bytes=1 << 30,
+    )
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    outputs = llm.generate([{"prompt_token_ids": d["ids"]} for d in docs], params)
+    nll = []
+    for doc, output in zip(docs, outputs):
+        per_position = output.prompt_logprobs  # position p holds the log-prob of ids[p]
+        nll.append(-sum(per_position[a][doc["ids"][a]].logprob for a in doc["answers"]) / len(doc["answers"]))
+    return nll
+
+
+def run_short(folder: Path, max_model_len: int | None, out: Path | None) -> None:
+    """Searched short factors: with max_model_len <= L vLLM must match ropesearch's short-factor NLL,
+    above L its long-factor NLL (its once-per-engine switch); exits 1 when it misses."""
+    data = json.loads((folder / "short-docs.json").read_text())
+    window = data["window"]
+    max_model_len = max_model_len or window
+    expected_key = "ropesearch" if max_model_len <= window else "long_factors"
+    start = time.time()
+    nll = vllm_answer_nll(folder / "hf-short", data["docs"], max_model_len)
+    diff = max(abs(a - b) for a, b in zip(nll, data[expected_key]))
+    result = {
+        "vllm": nll,
+        "ropesearch": data["ropesearch"],
+        "ones": data["ones"],
+        "long_factors": data["long_factors"],
+        "max_model_len": max_model_len,
+        "factors_expected": "short" if expected_key == "ropesearch" else "long",
+        "compared_with": expected_key,
+        "max_abs_diff": diff,
+        "tolerance": SHORT_TOLERANCE,
+        "min_abs_diff_to_ones": min(abs(a - b) for a, b in zip(nll, data["ones"])),
+        "passed": diff <= SHORT_TOLERANCE,
+        "short_factors": "1 + sqrt(i / (pairs - 1)), 1 -> 2",
+        "attention_factor": ATTENTION,
+        "seconds": round(time.time() - start, 1),
+        "length": len(data["docs"][0]["ids"]),
+        "window": window,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+    if not result["passed"]:
+        sys.exit(f"vLLM misses ropesearch's {result['factors_expected']}-factor NLL by {diff:.3g} > {SHORT_TOLERANCE}")
 
 
 def run(folder: Path, drop_mscale: bool, out: Path | None) -> None:
-    from vllm import LLM, SamplingParams
-
     model_dir = folder / "hf"
     if drop_mscale:  # what an export without vLLM's keys gives
         model_dir = folder / "hf-without-mscale"
@@ -67,17 +170,16 @@ def run(folder: Path, drop_mscale: bool, out: Path | None) -> None:
     length = len(data["docs"][0]["ids"])
     start = time.time()
     # +1: vLLM counts the one generated token against max_model_len
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=length + 1, enforce_eager=True,
-              skip_tokenizer_init=True)
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-    outputs = llm.generate([{"prompt_token_ids": d["ids"]} for d in data["docs"]], params)
-    nll = []
-    for doc, output in zip(data["docs"], outputs):
-        per_position = output.prompt_logprobs  # position p holds the log-prob of ids[p]
-        nll.append(-sum(per_position[a][doc["ids"][a]].logprob for a in doc["answers"]) / len(doc["answers"]))
-    result = {"vllm": nll, "ropesearch": data["ropesearch"], "default_attention": data["default_attention"],
-              "max_abs_diff": max(abs(a - b) for a, b in zip(nll, data["ropesearch"])),
-              "mscale_keys": not drop_mscale, "seconds": round(time.time() - start, 1), "length": length}
+    nll = vllm_answer_nll(model_dir, data["docs"], length + 1)
+    result = {
+        "vllm": nll,
+        "ropesearch": data["ropesearch"],
+        "default_attention": data["default_attention"],
+        "max_abs_diff": max(abs(a - b) for a, b in zip(nll, data["ropesearch"])),
+        "mscale_keys": not drop_mscale,
+        "seconds": round(time.time() - start, 1),
+        "length": length,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if out:
@@ -90,8 +192,15 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--drop-mscale", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--short", action="store_true", help="the searched short factors case")
+    parser.add_argument("--max-model-len", type=int, help="with --short; default L (short factors)")
     args = parser.parse_args()
-    prepare(args.folder) if args.step == "prepare" else run(args.folder, args.drop_mscale, args.out)
+    if args.step == "prepare":
+        prepare(args.folder)
+    elif args.short:
+        run_short(args.folder, args.max_model_len, args.out)
+    else:
+        run(args.folder, args.drop_mscale, args.out)
 
 
 if __name__ == "__main__":
