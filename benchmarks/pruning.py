@@ -20,6 +20,7 @@ from benchmarks.output import emit  # noqa: E402
 from fitness.factors import RopeCandidate  # noqa: E402
 from fitness.models import machine_name  # noqa: E402
 from search import runs  # noqa: E402
+from search.objective import objective_value  # noqa: E402
 
 
 def run_search(config_path: Path, overrides: dict) -> dict:
@@ -37,7 +38,7 @@ def run_search(config_path: Path, overrides: dict) -> dict:
         "loop_seconds": summary["loop_seconds"],
         "settled": summary["completed"],
         "pruning": summary.get("pruning"),
-        "best_on_search_documents": best.params["fitness"],
+        "best_on_search_documents": objective_value(best.params),
         "held_out_searched_ppl": held_out["searched_ppl"],
         "held_out_best_baseline": {held_out["best_baseline"]: held_out["best_baseline_ppl"]},
         "held_out_gap_closed": held_out["gap_closed"],

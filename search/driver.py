@@ -29,6 +29,7 @@ from fitness.models import load_config
 from search.evolution import EvolutionarySampler
 from search.guard import SHORT_COST, ShortGuardSettings, best_trial, record_cost
 from search.liveness import Heartbeat, fail_interrupted
+from search.objective import NEEDLE_PPL, objective_value
 from search.pruning import make_pruner
 from search.slots import DRIVER, ERROR, NoSlots, Slots
 from search.space import RopeSpace, ShortSpace
@@ -59,6 +60,7 @@ class SearchContext:
     first_stage: list[int] | None = None  # under pruning: the documents of the first stage
     guard: ShortGuardSettings = field(default_factory=ShortGuardSettings)
     best_file: str = "best_factors.json"
+    objective: str = NEEDLE_PPL  # the key its told value is stored under (search.objective)
     driver_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
 
     @property
@@ -100,7 +102,8 @@ def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchCon
     seeds = {name: baseline(name, geometry, target) for name in config.baselines}
     first_stage = None if config.pruning.name == "none" else list(range(config.pruning.documents))
     return SearchContext(run_dir, config, geometry, target, space, sampler, slots, study, setup, seeds,
-                         config.budget.evaluations, config.budget.minutes, first_stage, config.short_guard)  # fmt: skip
+                         config.budget.evaluations, config.budget.minutes, first_stage, config.short_guard,
+                         objective=NEEDLE_PPL)  # fmt: skip
 
 
 # ---------------------------------------------------------------- asking
@@ -207,7 +210,7 @@ def best_candidate(ctx: SearchContext) -> tuple[RopeCandidate, optuna.trial.Froz
     candidate = ctx.candidate(best.params)
     provenance = {
         **candidate.params,
-        "fitness": best.value,
+        ctx.objective: best.value,
         "retrieval": best.user_attrs.get("retrieval"),
         SHORT_COST: best.user_attrs.get(SHORT_COST),
         "trial": best.number,
@@ -227,7 +230,7 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
     for outcome in pool.run(deque(Job(name, [c]) for name, c in ctx.seeds.items())):
         if outcome.error is None:
             score = outcome.scores[0]
-            results[outcome.job.tag] = {"fitness": score.fitness, "retrieval": score.retrieval}
+            results[outcome.job.tag] = {ctx.objective: score.fitness, "retrieval": score.retrieval}
             if score.short_cost is not None:  # measured wherever the worker has the guard's text
                 results[outcome.job.tag][SHORT_COST] = score.short_cost
     ctx.study.set_user_attr("baselines", results)
@@ -324,23 +327,24 @@ def best_value(ctx: SearchContext) -> float:
 
 
 def _kept_best(path: Path) -> RopeCandidate | None:
-    """The candidate already in best_factors.json, if it is readable and has a fitness."""
+    """The candidate already in best_factors.json, if it is readable and has a told value."""
     try:
         kept = RopeCandidate.load(path)
     except (OSError, ValueError):
         return None
-    fitness = kept.params.get("fitness")
-    return kept if isinstance(fitness, (int, float)) and fitness == fitness else None
+    value = objective_value(kept.params)
+    return kept if isinstance(value, (int, float)) and value == value else None
 
 
 def _guarded_rank(ctx: SearchContext, candidate: RopeCandidate) -> tuple[float, float]:
-    """(short-window guard violation, needle PPL): the order best_trial uses, for a saved candidate."""
+    """(short-window guard violation, told value): the order best_trial uses, for a saved candidate."""
     cost, limit = candidate.params.get(SHORT_COST), ctx.guard.max_cost
-    return (max(0.0, cost - limit) if cost is not None and limit is not None else 0.0), candidate.params["fitness"]
+    violation = max(0.0, cost - limit) if cost is not None and limit is not None else 0.0
+    return violation, objective_value(candidate.params)
 
 
 def write_best(ctx: SearchContext) -> RopeCandidate | None:
-    """best_factors.json: replaced only by a better candidate (lower needle PPL), never by a worse one,
+    """best_factors.json: replaced only by a better candidate (lower PPL), never by a worse one,
     even if the study it came from was lost and searched again. Returns the candidate it holds."""
     path = ctx.run_dir / ctx.best_file
     found = best_candidate(ctx)

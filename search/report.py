@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry
 from search.guard import SHORT_COST, best_trial
+from search.objective import objective_value
 
 CURVES = ("pi", "ntk", "yarn", "critical_ntk")
 
@@ -148,11 +149,10 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None,
         best = best_trial(study)
         lines.append(f"best so far on the search documents: {what} {best.value:.4g} (trial {best.number}"
                      f"{_retrieval(best.user_attrs.get('retrieval'))}{_cost(best.user_attrs.get(SHORT_COST))})")  # fmt: skip
-        for name, row in sorted(baselines.items(), key=lambda item: item[1]["fitness"]):
-            lines.append(
-                f"  {name:<14}{row['fitness']:>10.4g}  ({best.value / row['fitness'] - 1:+.1%} searched vs it)"
-                + _cost(row.get(SHORT_COST))
-            )
+        for name, row in sorted(baselines.items(), key=lambda item: objective_value(item[1])):
+            value = objective_value(row)
+            lines.append(f"  {name:<14}{value:>10.4g}  ({best.value / value - 1:+.1%} searched vs it)"
+                         + _cost(row.get(SHORT_COST)))  # fmt: skip
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         reasons = {}
@@ -254,7 +254,7 @@ def plot_fitness(study, baselines: dict, path: Path, what: str = "needle PPL (se
     ax.plot(x, best, color="black", lw=2, label="best so far")
     shown = [name for name in ("yarn", "ntk", "critical_ntk") if name in baselines] or list(baselines)[:4]
     for i, name in enumerate(shown):
-        ax.axhline(baselines[name]["fitness"], ls="--", lw=1, label=name, color=f"C{i + 2}")
+        ax.axhline(objective_value(baselines[name]), ls="--", lw=1, label=name, color=f"C{i + 2}")
     ax.set_yscale("log")
     ax.set_xlabel("evaluation")
     ax.set_ylabel(what)

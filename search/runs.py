@@ -8,7 +8,8 @@ held-out report.
         driver.lock         held by the driver running this folder: a second resume is refused
         best_factors.json   the best candidate so far, rewritten atomically every 10 s and at the end,
                             and only ever by a better one (with `long_factors:`, a copy of them)
-        baselines.json      baselines on the search documents
+        baselines.json      baselines on the search documents: needle_ppl, retrieval, short_cost (older runs
+                            say fitness for needle_ppl: search.objective)
         report.json         held-out needle PPL: baselines, searched, the model's own in-window PPL
                             (and, under pruning, the scorings it saved)
         factors.png         the searched factor curve against PI / NTK / YaRN / critical-dim NTK

@@ -37,6 +37,7 @@ from fitness.factors import RopeCandidate
 from fitness.general_text import general_windows
 from fitness.models import load_model, machine_name
 from search import driver, report
+from search.objective import TEXT_PPL, objective_value
 from search.slots import NoSlots
 from search.space import ShortSpace, ShortSpaceSettings
 from search.storage import open_storage
@@ -130,7 +131,7 @@ def open_context(run_dir: Path, config, storage=None, read_only: bool = False) -
     setup = TextSetup(config.model, tuple(lengths(config, window)), settings.windows)
     return driver.SearchContext(run_dir, config, long.geometry, long.target_window, space, sampler, NoSlots(),
                                 study, setup, seeds, settings.evaluations, settings.minutes,
-                                best_file=BEST_FILE)  # fmt: skip
+                                best_file=BEST_FILE, objective=TEXT_PPL)  # fmt: skip
 
 
 def _same_long(study: optuna.Study, long: RopeCandidate, run_dir: Path, space: ShortSpace, seeds: dict) -> None:
@@ -169,7 +170,7 @@ def finish(ctx: driver.SearchContext) -> dict | None:
         "windows": settings.report_windows,
         "methods": costs,
         "search_text": {"windows": settings.windows, "seeds": baselines,
-                        "searched": candidate.params.get("fitness")},  # fmt: skip
+                        "searched": objective_value(candidate.params)},  # fmt: skip
     }
     (ctx.run_dir / "short_report.json").write_text(json.dumps(result, indent=2))
     return result

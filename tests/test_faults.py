@@ -232,8 +232,32 @@ def test_best_factors_are_never_replaced_by_worse(tmp_path):
     run_dir = new_run(tmp_path)
     runs.run(run_dir, stop_after=2, quiet=True)
     best = json.loads((run_dir / "best_factors.json").read_text())
+    best["params"]["needle_ppl"] = 0.5  # better than anything this run will find
+    (run_dir / "best_factors.json").write_text(json.dumps(best))
+    runs.run(run_dir, stop_after=2, quiet=True)
+    assert completed_in(run_dir / "study.db") == 4
+    assert json.loads((run_dir / "best_factors.json").read_text()) == best
+
+
+def test_a_run_from_before_needle_ppl_was_named_still_reads(tmp_path, capsys):
+    """Studies and run folders of older releases (committed results, users' runs) stored "fitness"."""
+    run_dir = new_run(tmp_path)
+    runs.run(run_dir, stop_after=2, quiet=True)
+    study = study_of(run_dir)
+    rows = study.user_attrs["baselines"]
+    assert all("needle_ppl" in row and "fitness" not in row for row in rows.values())
+    old = {name: {"fitness" if k == "needle_ppl" else k: v for k, v in row.items()} for name, row in rows.items()}
+    study.set_user_attr("baselines", old)
+    (run_dir / "baselines.json").write_text(json.dumps(old))
+    best = json.loads((run_dir / "best_factors.json").read_text())
+    del best["params"]["needle_ppl"]
     best["params"]["fitness"] = 0.5  # better than anything this run will find
     (run_dir / "best_factors.json").write_text(json.dumps(best))
+
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for name, row in old.items():
+        assert f"  {name:<14}{row['fitness']:>10.4g}  (" in out, out
     runs.run(run_dir, stop_after=2, quiet=True)
     assert completed_in(run_dir / "study.db") == 4
     assert json.loads((run_dir / "best_factors.json").read_text()) == best

@@ -22,7 +22,7 @@ def test_local_search_writes_a_complete_run_folder(tmp_path):
         assert (run_dir / name).is_file(), name
     best = RopeCandidate.load(run_dir / "best_factors.json")
     rows = history_of(run_dir)
-    assert best.params["fitness"] == min(r["value"] for r in rows)
+    assert best.params["needle_ppl"] == min(r["value"] for r in rows)
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["methods"]) == {"none", "yarn", "critical_ntk", "searched"}
     assert report["in_window"] < report["methods"]["none"]["needle_ppl"]
@@ -76,4 +76,4 @@ def test_optuna_samplers_search_the_same_space(tmp_path, sampler):
     assert [r["slot"] for r in rows] == [[n] for n in range(10)]
     best = RopeCandidate.load(run_dir / "best_factors.json")
     assert list(best.long_factors) == sorted(best.long_factors)  # every proposal repaired into the space
-    assert best.params["fitness"] == min(r["value"] for r in rows if "pruned_at" not in r)
+    assert best.params["needle_ppl"] == min(r["value"] for r in rows if "pruned_at" not in r)

@@ -23,7 +23,7 @@ def given_long(tiny, path) -> RopeCandidate:
     """YaRN at 4x with a sharper attention factor than its own: the cost short factors have to win back."""
     model, _ = tiny
     long = baseline("yarn", geometry_from_config(model.config), 1024)
-    long = long.model_copy(update={"attention_factor": 1.2, "short_factors": None, "params": {"fitness": 1.0}})
+    long = long.model_copy(update={"attention_factor": 1.2, "short_factors": None, "params": {"needle_ppl": 1.0}})
     long.save(path)
     return long
 
@@ -91,7 +91,8 @@ def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run):
     assert len(seeds) == len(SHORT["seeds"])  # enqueued once, not again by the resume
     best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
     assert best.long_factors == long.long_factors and best.attention_factor == long.attention_factor
-    assert best.params["fitness"] == min(t.value for t in trials)
+    assert best.params["text_ppl"] == min(t.value for t in trials)
+    assert all("text_ppl" in row for row in ctx.study.user_attrs["baselines"].values())
     report = json.loads((run_dir / "short_report.json").read_text())
     ones, searched = report["methods"]["ones"], report["methods"]["searched"]
     for length in ("64", "256"):  # on text the search never read
