@@ -1,6 +1,7 @@
 """optuna-dashboard on a finished run's study, seen in a real browser: a small search on the bundled
-model, `optuna-dashboard sqlite:///RUN/study.db` on 127.0.0.1, a headless Chromium screenshot of the
-study page (PNG) and of the study list, and a JSON line saying what the dashboard served.
+model, `optuna-dashboard sqlite:///RUN/study.db` on 127.0.0.1, headless Chromium screenshots (PNG) of the
+study page, the trial list (a trial's parameters and user attributes) and the study list, and a JSON
+line saying what the dashboard served.
 
     pip install optuna-dashboard && apt-get install chromium
     python benchmarks/dashboard_screenshot.py --out benchmarks/results/dashboard-cpu.json
@@ -37,8 +38,9 @@ def free_port() -> int:
 
 
 def small_finished_run(folder: Path) -> Path:
-    """The test suite's small search (8 per generation, 4 generations, 4 documents): about a minute."""
-    config = runs.load_search_config(write_config(folder))
+    """The test suite's small search (8 per generation, 4 generations, 4 documents), with two needle formats
+    so that each trial has per-format attributes to show: about a minute."""
+    config = runs.load_search_config(write_config(folder, **{"needles.formats": ["magic_number", "pass_key"]}))
     run_dir = runs.create(config, folder / "runs")
     runs.run(run_dir, quiet=True)
     return run_dir
@@ -84,16 +86,20 @@ def main() -> None:
             study = json.loads(wait_for(f"{base}/api/studies"))["study_summaries"][0]
             detail = json.loads(wait_for(f"{base}/api/studies/{study['study_id']}?after=0"))
             RESULTS.mkdir(parents=True, exist_ok=True)
-            pages = {"study": f"{base}/dashboard/studies/{study['study_id']}", "list": f"{base}/dashboard/"}
+            study_page = f"{base}/dashboard/studies/{study['study_id']}"
+            pages = {"study": study_page, "trials": f"{study_page}/trials", "list": f"{base}/dashboard/"}
             for name, url in pages.items():
                 screenshot(browser, url, RESULTS / f"dashboard-{name}.png")
         finally:
             server.terminate()
             server.wait(timeout=30)
+    last = detail["trials"][-1]
     emit({
         "study": study["study_name"],
         "trials": len(detail.get("trials", [])),
-        "user_attrs_of_a_trial": sorted(a["key"] for a in detail["trials"][-1].get("user_attrs", [])),
+        "objective_names": detail.get("objective_names"),
+        "user_attrs_of_a_trial": sorted(a["key"] for a in last.get("user_attrs", [])),
+        "params_of_a_trial_besides_factors": [p["name"] for p in last["params"] if not p["name"].startswith("f")],
         "screenshots": [f"benchmarks/results/dashboard-{name}.png" for name in pages],
         "command": "optuna-dashboard sqlite:///RUN/study.db --host 127.0.0.1 --port 8080",
     }, args.out)

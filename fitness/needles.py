@@ -141,11 +141,15 @@ class NeedleSet:
     def answer_ids(self, j: int) -> torch.Tensor:
         return self.input_ids[j, self.answers[j]]
 
+    def document_formats(self) -> list[str]:
+        """Each document's needle format (a set built before formats were recorded: magic_number)."""
+        return [meta.get("format", "magic_number") for meta in self.meta]
+
     def formats(self) -> dict[str, list[int]]:
         """Document indices by needle format, in first-seen order."""
         groups: dict[str, list[int]] = {}
-        for j, meta in enumerate(self.meta):
-            groups.setdefault(meta.get("format", "magic_number"), []).append(j)
+        for j, name in enumerate(self.document_formats()):
+            groups.setdefault(name, []).append(j)
         return groups
 
 

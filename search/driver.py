@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +158,12 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
 
 
 def _keep_scores(ctx: SearchContext, trial_id: int, score: CandidateScore) -> None:
+    storage = ctx.study._storage
     for key in ("retrieval", "seconds", "document_nll"):
-        ctx.study._storage.set_trial_user_attr(trial_id, key, getattr(score, key))
+        storage.set_trial_user_attr(trial_id, key, getattr(score, key))
+    for name, part in score.by_format().items():  # plain numbers: a column each in optuna-dashboard's table
+        storage.set_trial_user_attr(trial_id, f"ppl:{name}", part.fitness)
+        storage.set_trial_user_attr(trial_id, f"retrieval:{name}", part.retrieval)
 
 
 def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
@@ -237,6 +242,14 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
     return results
 
 
+def name_objective(ctx: SearchContext) -> None:
+    """The study's metric name is its objective's key: optuna-dashboard labels the told value with it."""
+    if ctx.study.metric_names != [ctx.objective]:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and the only way to name it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ctx.study.set_metric_names([ctx.objective])
+
+
 def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Run until the budget is spent. `stop_after` evaluations end it early (tests, benchmarks).
 
@@ -247,6 +260,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     fail_interrupted(ctx.study, ctx.driver_id)
     heartbeat = Heartbeat(ctx.study, ctx.driver_id)
     heartbeat()
+    name_objective(ctx)
     pool = make_pool(config.workers, ctx.setup)
     started, evaluated = time.time(), 0
     budget = total_budget(ctx)

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.guard import rank
 
 SLOT = "ropesearch:slot"  # [generation, slot], one attribute: other drivers never see half of it
+GENERATION = "generation"  # the slot's generation again, as a user attribute: optuna-dashboard shows only those
 ERROR = "ropesearch:error"
 DRIVER = "ropesearch:driver"  # the driver that asked a trial: host:pid:start
 INTERRUPTED = "interrupted"  # a trial whose driver died: its slot is asked again, and it is no attempt
@@ -144,6 +145,7 @@ class GenerationSlots:
         # another driver may have taken the last open slots since this one looked: slot -1 says "none left"
         assigned = (state.generation, state.open_slots[0] if state.open_slots else NO_SLOT)
         study._storage.set_trial_system_attr(trial_id, SLOT, list(assigned))
+        study._storage.set_trial_user_attr(trial_id, GENERATION, assigned[0])  # for display; SLOT is the book
         return assigned
 
     def pruned(self, study, generation: int) -> set[int]:

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
 import torch
@@ -110,15 +110,29 @@ class CandidateScore:
     document_exact: list[bool]
     seconds: float  # the batch's time, shared evenly by its candidates
     short_cost: float | None = None  # search.guard.SHORT_COST; None: not measured (no guard text, or a second stage)
+    # each document's needle format, in the order of document_nll; empty for general-text windows
+    document_format: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, score: Score, seconds: float, short_cost: float | None = None) -> "CandidateScore":
-        return cls(score.fitness, score.retrieval, score.document_nll, score.document_exact, seconds, short_cost)
+    def of(cls, score: Score, seconds: float, short_cost: float | None = None,
+           document_format: Sequence[str] = ()) -> "CandidateScore":  # fmt: skip
+        return cls(score.fitness, score.retrieval, score.document_nll, score.document_exact, seconds, short_cost,
+                   list(document_format))  # fmt: skip
 
     def then(self, second: "CandidateScore") -> "CandidateScore":
         """This first-stage score joined with the same candidate's score on the remaining documents."""
         joined = fitness_of(self.document_nll + second.document_nll, self.document_exact + second.document_exact)
-        return CandidateScore.of(joined, self.seconds + second.seconds, self.short_cost)
+        return CandidateScore.of(joined, self.seconds + second.seconds, self.short_cost,
+                                 self.document_format + second.document_format)  # fmt: skip
+
+    def by_format(self) -> dict[str, Score]:
+        """Needle PPL and retrieval over the documents of each needle format, in first-seen order; computed
+        here, from the documents, so a pruned search's two stages join like the overall score."""
+        groups: dict[str, list[int]] = {}
+        for j, name in enumerate(self.document_format):
+            groups.setdefault(name, []).append(j)
+        return {name: fitness_of([self.document_nll[j] for j in docs], [self.document_exact[j] for j in docs])
+                for name, docs in groups.items()}  # fmt: skip
 
 
 class ScoringWorker:
@@ -151,7 +165,8 @@ class ScoringWorker:
             costs = [ppl / self.guard_base - 1 for ppl in candidate_perplexities(self.model, self.guard_windows,
                                                                                   candidates)]  # fmt: skip
         seconds = (time.perf_counter() - started) / len(candidates)
-        return [CandidateScore.of(s, seconds, cost) for s, cost in zip(scores, costs)]
+        formats = needles.document_formats()
+        return [CandidateScore.of(s, seconds, cost, formats) for s, cost in zip(scores, costs)]
 
 
 class TextWorker:

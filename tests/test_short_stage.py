@@ -93,6 +93,7 @@ def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run):
     assert best.long_factors == long.long_factors and best.attention_factor == long.attention_factor
     assert best.params["text_ppl"] == min(t.value for t in trials)
     assert all("text_ppl" in row for row in ctx.study.user_attrs["baselines"].values())
+    assert ctx.study.metric_names == ["text_ppl"]
     report = json.loads((run_dir / "short_report.json").read_text())
     ones, searched = report["methods"]["ones"], report["methods"]["searched"]
     for length in ("64", "256"):  # on text the search never read
