@@ -1,9 +1,9 @@
 """`ropesearch train CONFIG`: the mixed short/long-window fine-tune that takes the searched factors.
 
 The searched candidate is applied once, for the whole run; per row, the rotary module picks the
-long (searched) factors for long documents and the short ones (the original frequencies, with the
-candidate's attention factor: exactly what the exported config applies to short inputs) for packed
-short documents. The result is an HF model directory written through the export path.
+long factors for long documents and the short ones (the short stage's searched factors, or the
+original frequencies where a candidate has none, with the candidate's attention factor: exactly what
+the exported config applies to short inputs) for packed short documents. The result is an HF model directory written through the export path.
 """
 
 from __future__ import annotations
