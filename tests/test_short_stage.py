@@ -160,3 +160,16 @@ def test_given_long_factors_need_a_short_stage_and_the_right_target(tiny, tmp_pa
     path = write_config(tmp_path, long_factors=str(tmp_path / "long.json"), scale=2, short_search=SHORT)
     assert cli.main(["search", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "were made for 1024 tokens" in capsys.readouterr().err
+
+
+def test_eval_takes_a_run_folder_with_its_short_factors(short_run, tmp_path):
+    """The GPU session's eval step names run folders; it once took only factor files."""
+    from search.evaluate import load_eval_config
+
+    _, _, run_dir, _ = short_run
+    config = yaml.safe_load(open("configs/eval-tiny.yaml"))
+    config["factors"] = {"searched": str(run_dir)}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, candidates = load_eval_config(path)
+    assert candidates["searched"].short_factors == RopeCandidate.load(run_dir / short_stage.BEST_FILE).short_factors
