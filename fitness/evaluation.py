@@ -12,7 +12,7 @@ from fitness.factors import RopeCandidate, baseline
 from fitness.general_text import candidate_perplexities, perplexity
 from fitness.geometry import RopeGeometry
 from fitness.needles import NeedleSet, NeedleSettings, build_needle_set
-from fitness.scoring import Score, fitness_of, score_candidates
+from fitness.scoring import Score, fitness_by_group, score_candidates
 
 # A method is a function of the evaluation length: baselines are rebuilt for each length (YaRN at 2x
 # uses s = 2), a searched factor file is the same vector at every length.
@@ -30,11 +30,9 @@ def fixed_method(candidate: RopeCandidate) -> Method:
 def per_format(needles: NeedleSet, score: Score) -> dict[str, dict]:
     """{format: {"needle_ppl", "retrieval", "documents"}}: the same per-document scores, grouped by the
     needle format each document was built with."""
-    rows = {}
-    for name, docs in needles.formats().items():
-        part = fitness_of([score.document_nll[j] for j in docs], [score.document_exact[j] for j in docs])
-        rows[name] = {"needle_ppl": part.fitness, "retrieval": part.retrieval, "documents": len(docs)}
-    return rows
+    parts = fitness_by_group(needles.document_formats(), score.document_nll, score.document_exact)
+    return {name: {"needle_ppl": part.fitness, "retrieval": part.retrieval, "documents": len(part.document_nll)}
+            for name, part in parts.items()}  # fmt: skip
 
 
 def evaluate_methods(

@@ -84,6 +84,15 @@ def fitness_of(document_nll: Sequence[float], exact: Sequence[bool]) -> Score:
     )
 
 
+def fitness_by_group(groups: Sequence[str], document_nll: Sequence[float], exact: Sequence[bool]) -> dict[str, Score]:
+    """The score over the documents of each group (e.g. each needle format), in first-seen order."""
+    members: dict[str, list[int]] = {}
+    for j, name in enumerate(groups):
+        members.setdefault(name, []).append(j)
+    return {name: fitness_of([document_nll[j] for j in docs], [exact[j] for j in docs])
+            for name, docs in members.items()}  # fmt: skip
+
+
 def score_candidates(
     model,
     needles: NeedleSet,

@@ -34,7 +34,7 @@ from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import pin_geometry
-from fitness.scoring import Score, fitness_of, score_candidates
+from fitness.scoring import Score, fitness_by_group, fitness_of, score_candidates
 from search.guard import ShortGuardSettings
 
 log = logging.getLogger("ropesearch")
@@ -128,11 +128,7 @@ class CandidateScore:
     def by_format(self) -> dict[str, Score]:
         """Needle PPL and retrieval over the documents of each needle format, in first-seen order; computed
         here, from the documents, so a pruned search's two stages join like the overall score."""
-        groups: dict[str, list[int]] = {}
-        for j, name in enumerate(self.document_format):
-            groups.setdefault(name, []).append(j)
-        return {name: fitness_of([self.document_nll[j] for j in docs], [self.document_exact[j] for j in docs])
-                for name, docs in groups.items()}  # fmt: skip
+        return fitness_by_group(self.document_format, self.document_nll, self.document_exact)
 
 
 class ScoringWorker:
