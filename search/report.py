@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry
 from search.guard import SHORT_COST, best_trial
-from search.objective import objective_value
+from search.objective import LABELS, NEEDLE_PPL, objective_value
 
 CURVES = ("pi", "ntk", "yarn", "critical_ntk")
 
@@ -230,7 +230,7 @@ def plot_short_factors(candidate: RopeCandidate, seeds: dict[str, RopeCandidate]
     plt.close(fig)
 
 
-def plot_fitness(study, baselines: dict, path: Path, what: str = "needle PPL (search documents)") -> None:
+def plot_fitness(study, baselines: dict, path: Path, what: str = LABELS[NEEDLE_PPL]) -> None:
     plt = _matplotlib()
     if plt is None:
         return

@@ -42,6 +42,7 @@ from search import driver, report, short_stage
 from fitness.config_checks import (MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model,
                                    naming)  # fmt: skip
 from search.config import SearchConfig, unresumable_changes
+from search.objective import LABELS
 from search.pruning import saved_scorings
 from search.space import RopeSpace
 from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
@@ -295,7 +296,7 @@ def _short_status(run_dir: Path, config: SearchConfig) -> str:
     if ctx is None:
         return "short factors: not begun"
     baselines = ctx.study.user_attrs.get("baselines", {})
-    text = report.format_status(ctx.study, baselines, driver.total_budget(ctx), what="general-text PPL")
+    text = report.format_status(ctx.study, baselines, driver.total_budget(ctx), what=LABELS[ctx.objective])
     if (run_dir / "short_report.json").exists():
         text += "\n" + report.format_short_report(json.loads((run_dir / "short_report.json").read_text()))
     return text

@@ -17,7 +17,7 @@ as the first trials and scored once as the stage's baselines.
     short_report.json        general-text PPL inside the window (evaluation part): the model's own,
                              each seed, searched
     short_factors.png        long, seeds and searched short factors
-    short_fitness.png        text PPL over evaluations
+    short_fitness.png        the told value (text PPL, or its worst ratio) over evaluations
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,7 +37,7 @@ from fitness.factors import RopeCandidate
 from fitness.general_text import general_windows
 from fitness.models import load_model, machine_name
 from search import driver, report
-from search.objective import TEXT_PPL, objective_value
+from search.objective import LABELS, TEXT_PPL, TEXT_PPL_RATIO, objective_value
 from search.slots import NoSlots
 from search.space import ShortSpace, ShortSpaceSettings
 from search.storage import open_storage
@@ -47,11 +47,18 @@ BEST_FILE = "best_short_factors.json"
 LONG_ATTR = "ropesearch:long_candidate"  # the long candidate the study searches short factors for
 
 
+WindowCount = Annotated[int, Field(gt=0, le=256)]
+
+
 class ShortSearchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lengths: list[int] | None = Field(default=None, min_length=1)  # None: a quarter of the window and the window
-    windows: int = Field(default=4, gt=0, le=256)  # per length, from the search part of the text
+    # per length (one count for all, or one per length), from the search part of the text
+    windows: WindowCount | list[WindowCount] = 4
+    # ppl: the text PPL over all windows; worst_ratio: the largest ratio of a length's PPL to the model's
+    # own there, so a long length cannot buy its gain with a short one's loss (engines' bars are per length)
+    objective: Literal["ppl", "worst_ratio"] = "ppl"
     space: ShortSpaceSettings = Field(default_factory=ShortSpaceSettings)
     sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
     sigma: float = Field(default=0.1, gt=0)  # CMA-ES's first step, in factor units
@@ -81,8 +88,17 @@ def lengths(config, original_window: int) -> list[int]:
     return config.short_search.lengths or [original_window // 4, original_window]
 
 
+def window_counts(config, original_window: int) -> tuple[int, ...]:
+    windows = config.short_search.windows
+    return tuple(windows) if isinstance(windows, list) else (windows,) * len(lengths(config, original_window))
+
+
 def check_lengths(config, original_window: int, source: str) -> None:
     """Short factors only ever apply inside the window: a longer length would score the long ones."""
+    windows = config.short_search.windows
+    if isinstance(windows, list) and len(windows) != len(lengths(config, original_window)):
+        raise RopeSearchError(f"{source}: short_search.windows: {len(windows)} counts for "
+                              f"{len(lengths(config, original_window))} lengths; give one per length or one for all")  # fmt: skip
     for length in lengths(config, original_window):
         if not 8 < length <= original_window:
             raise RopeSearchError(f"{source}: short_search.lengths: {length} must lie in (8, {original_window}], "
@@ -128,10 +144,11 @@ def open_context(run_dir: Path, config, storage=None, read_only: bool = False) -
                                     load_if_exists=True)  # fmt: skip
         _same_long(study, long, run_dir, space, seeds)
     window = long.geometry.original_window
-    setup = TextSetup(config.model, tuple(lengths(config, window)), settings.windows)
+    worst_ratio = settings.objective == "worst_ratio"
+    setup = TextSetup(config.model, tuple(lengths(config, window)), window_counts(config, window), worst_ratio)
     return driver.SearchContext(run_dir, config, long.geometry, long.target_window, space, sampler, NoSlots(),
                                 study, setup, seeds, settings.evaluations, settings.minutes,
-                                best_file=BEST_FILE, objective=TEXT_PPL)  # fmt: skip
+                                best_file=BEST_FILE, objective=TEXT_PPL_RATIO if worst_ratio else TEXT_PPL)  # fmt: skip
 
 
 def _same_long(study: optuna.Study, long: RopeCandidate, run_dir: Path, space: ShortSpace, seeds: dict) -> None:
@@ -155,7 +172,7 @@ def finish(ctx: driver.SearchContext) -> dict | None:
         return None
     baselines = ctx.study.user_attrs.get("baselines", {})
     report.plot_short_factors(candidate, ctx.seeds, ctx.run_dir / "short_factors.png")
-    report.plot_fitness(ctx.study, baselines, ctx.run_dir / "short_fitness.png", what="general-text PPL")
+    report.plot_fitness(ctx.study, baselines, ctx.run_dir / "short_fitness.png", what=LABELS[ctx.objective])
     settings = ctx.config.short_search
     model, tokenizer = load_model(ctx.config.model)
     windows = {n: general_windows(tokenizer, n, settings.report_windows) for n in ctx.setup.lengths}
@@ -169,7 +186,7 @@ def finish(ctx: driver.SearchContext) -> dict | None:
         "text": "general text, evaluation part (never read by the search)",
         "windows": settings.report_windows,
         "methods": costs,
-        "search_text": {"windows": settings.windows, "seeds": baselines,
+        "search_text": {"windows": settings.windows, "objective": ctx.objective, "seeds": baselines,
                         "searched": objective_value(candidate.params)},  # fmt: skip
     }
     (ctx.run_dir / "short_report.json").write_text(json.dumps(result, indent=2))

@@ -89,7 +89,8 @@ class TextSetup:
 
     model: ModelSettings
     lengths: tuple[int, ...]
-    windows: int  # per length
+    windows: tuple[int, ...]  # one count per length
+    worst_ratio: bool = False  # told value: the largest PPL ratio to the model's own over the lengths, not the PPL
 
 
 @dataclass(frozen=True)
@@ -167,14 +168,16 @@ class ScoringWorker:
 
 class TextWorker:
     """One model replica and general-text windows; scores a batch of candidates by their perplexity
-    (every window counts once, whatever its length) and its cost against the model's own."""
+    (every window counts once, whatever its length) or, with `worst_ratio`, by the largest ratio of a
+    length's perplexity to the model's own there, so no length pays for another."""
 
     def __init__(self, setup: TextSetup):
         self.model, self.tokenizer = load_model(setup.model)
         pin_geometry(self.model)
-        self.windows = [general_windows(self.tokenizer, n, setup.windows, part="search") for n in setup.lengths]
-        own = torch.cat([window_nll(self.model, ids) for ids in self.windows])
-        self.own_ppl = math.exp(own.mean().item())
+        self.windows = [general_windows(self.tokenizer, n, count, part="search")
+                        for n, count in zip(setup.lengths, setup.windows)]  # fmt: skip
+        self.own_ppl = [math.exp(window_nll(self.model, ids).mean().item()) for ids in self.windows]
+        self.worst_ratio = setup.worst_ratio
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": str(next(self.model.parameters()).device),
@@ -183,12 +186,14 @@ class TextWorker:
     def score(self, batch: Batch) -> list[CandidateScore]:
         started = time.perf_counter()
         candidates = list(batch.candidates)
-        nll = torch.cat([candidate_window_nll(self.model, ids, candidates) for ids in self.windows], dim=1)
+        by_length = [candidate_window_nll(self.model, ids, candidates) for ids in self.windows]
+        nll = torch.cat(by_length, dim=1)
         seconds = (time.perf_counter() - started) / len(candidates)
         scores = []
-        for row in nll:
-            ppl = math.exp(row.mean().item())
-            scores.append(CandidateScore(ppl, None, row.tolist(), [], seconds, short_cost=ppl / self.own_ppl - 1))
+        for c, row in enumerate(nll):
+            ratio = max(math.exp(n[c].mean().item()) / own for n, own in zip(by_length, self.own_ppl))
+            told = ratio if self.worst_ratio else math.exp(row.mean().item())
+            scores.append(CandidateScore(told, None, row.tolist(), [], seconds, short_cost=ratio - 1))
         return scores
 
 

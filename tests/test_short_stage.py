@@ -142,6 +142,8 @@ def test_one_command_runs_both_stages(tmp_path):
         ({"short_search": {"seeds": [1.5]}}, "exponents"),
         ({"short_search": {"space": {"low": 2.0, "high": 1.0}}}, "at least low"),
         ({"short_search": {"sampler": "grid"}}, "short_search.sampler"),
+        ({"short_search": {"lengths": [64, 256], "windows": [2, 2, 2]}}, "one per length"),
+        ({"short_search": {"objective": "mean"}}, "short_search.objective"),
     ],
 )
 def test_bad_short_search_configs_exit_2(tmp_path, capsys, changes, message):
@@ -172,3 +174,48 @@ def test_eval_takes_a_run_folder_with_its_short_factors(short_run, tmp_path):
     path.write_text(yaml.safe_dump(config))
     _, candidates = load_eval_config(path)
     assert candidates["searched"].short_factors == RopeCandidate.load(run_dir / short_stage.BEST_FILE).short_factors
+
+
+def test_worst_ratio_tells_the_worst_lengths_ratio_to_the_models_own(tiny):
+    """objective: worst_ratio scores each length against the model's own PPL there and tells the largest
+    ratio, so a gain at one length cannot pay for a loss at another; windows may differ per length."""
+    import math
+
+    from fitness.general_text import candidate_window_nll, window_nll
+    from fitness.models import ModelSettings
+    from search.workers import Batch, TextSetup, TextWorker
+
+    model, tokenizer = tiny
+    long = baseline("yarn", geometry_from_config(model.config), 1024).model_copy(update={"attention_factor": 1.2})
+    setup = TextSetup(ModelSettings(name="tiny", device="cpu"), (64, 256), (3, 1), worst_ratio=True)
+    [score] = TextWorker(setup).score(Batch((long,)))
+    ratios = []
+    for length, count in zip(setup.lengths, setup.windows):
+        windows = general_windows(tokenizer, length, count, part="search")
+        own = math.exp(window_nll(model, windows).mean().item())
+        ratios.append(math.exp(candidate_window_nll(model, windows, [long])[0].mean().item()) / own)
+    assert len(score.document_nll) == 3 + 1
+    assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)  # the lengths disagree: taking the max matters
+    assert score.fitness == pytest.approx(max(ratios), rel=1e-5)
+    assert score.short_cost == pytest.approx(max(ratios) - 1, rel=1e-4)
+    [plain] = TextWorker(TextSetup(setup.model, setup.lengths, setup.windows)).score(Batch((long,)))
+    assert plain.fitness == pytest.approx(math.exp(sum(score.document_nll) / 4), rel=1e-5)  # text PPL
+
+
+def test_a_worst_ratio_stage_stores_its_own_key(tiny, tmp_path):
+    given_long(tiny, tmp_path / "long.json")
+    short = {**SHORT, "evaluations": 4, "lengths": [64, 256], "windows": [2, 1], "objective": "worst_ratio"}
+    path = write_config(tmp_path, long_factors=str(tmp_path / "long.json"), short_search=short)
+    data = yaml.safe_load(path.read_text())
+    del data["scale"]
+    path.write_text(yaml.safe_dump(data))
+    config = runs.load_search_config(path)
+    run_dir = runs.create(config, tmp_path / "runs")
+    runs.run(run_dir, quiet=True)
+    ctx = short_stage.open_context(run_dir, config, read_only=True)
+    assert ctx.study.metric_names == ["text_ppl_ratio"]
+    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    assert best.params["text_ppl_ratio"] == min(t.value for t in ctx.study.get_trials(states=(TrialState.COMPLETE,)))
+    assert all(row["text_ppl_ratio"] >= 1 + row["short_cost"] - 1e-9 for row in ctx.study.user_attrs["baselines"].values())
+    report = json.loads((run_dir / "short_report.json").read_text())
+    assert report["search_text"]["objective"] == "text_ppl_ratio"

@@ -13,6 +13,7 @@
 #   session.sh scoring         scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
 #   session.sh search16|32 [N] the 16k / 32k search, both stages (N: stop after N evaluations, a smoke run)
 #   session.sh short32 [N]     the short-factor stage alone for the committed 32k factors
+#   session.sh resume16|32     finish this machine's latest 16k / 32k run (a call cut off by its time limit)
 #   session.sh train32 [N]     mixed-window fine-tune with this machine's 32k run (long and short factors;
 #                              else the committed ones); N: train N steps only (a smoke run, results not kept)
 #   session.sh eval            needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
@@ -62,6 +63,10 @@ case "$step" in
         | tr '\r' '\n' | grep -v "^search: " | tail -40
     run=$(ls -d /tmp/gpu/runs/$name-2* | tail -1)
     [ -n "$limit" ] && { rm -rf "$run"; exit 0; }
+    keep "$run" "$name" ;;
+  resume16|resume32)
+    name=smollm2-${step#resume}k run=$(ls -d /tmp/gpu/runs/smollm2-${step#resume}k-2* | tail -1)
+    $py -m search.cli resume "$run" 2>&1 | tr '\r' '\n' | grep -v "^search: " | tail -40
     keep "$run" "$name" ;;
   train32)
     steps=${2:-}
