@@ -169,7 +169,8 @@ class ScoringWorker:
 class TextWorker:
     """One model replica and general-text windows; scores a batch of candidates by their perplexity
     (every window counts once, whatever its length) or, with `worst_ratio`, by the largest ratio of a
-    length's perplexity to the model's own there, so no length pays for another."""
+    length's perplexity to the model's own there, so no length pays for another. Either way its
+    `short_cost` is that worst length's cost (ratio - 1), the figure the per-length bars are about."""
 
     def __init__(self, setup: TextSetup):
         self.model, self.tokenizer = load_model(setup.model)
