@@ -94,7 +94,8 @@ def window_counts(config, original_window: int) -> tuple[int, ...]:
 
 
 def check_lengths(config, original_window: int, source: str) -> None:
-    """Short factors only ever apply inside the window: a longer length would score the long ones."""
+    """One window count per length (or one for all); every length inside the window, since short
+    factors only ever apply there: a longer length would score the long ones."""
     windows = config.short_search.windows
     if isinstance(windows, list) and len(windows) != len(lengths(config, original_window)):
         raise RopeSearchError(f"{source}: short_search.windows: {len(windows)} counts for "
