@@ -103,10 +103,15 @@ def file_numbers(path: Path) -> list[tuple[float, str]]:
 
 
 def study_numbers(path: Path) -> list[tuple[float, str]]:
-    """A committed Optuna study: its values, and its search loop's span (first trial's start to the last
-    one's end, seconds), evaluations and documents scored per second (with the run's config beside it)."""
+    """A committed Optuna study: its values, its trials' float parameters and numeric attributes (a
+    trial's attention factor, its short-window cost), and its search loop's span (first trial's start to
+    the last one's end, seconds), evaluations and documents scored per second (with the run's config
+    beside it)."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         values = [v for (v,) in db.execute("SELECT value FROM trial_values") if v is not None]
+        values += [v for (v,) in db.execute("SELECT param_value FROM trial_params") if v is not None]
+        attributes = [json.loads(v) for (v,) in db.execute("SELECT value_json FROM trial_user_attributes")]
+        values += [v for v in attributes if isinstance(v, (int, float)) and not isinstance(v, bool)]
         first, last, count = db.execute(
             "SELECT min(datetime_start), max(datetime_complete), count(*) FROM trials WHERE state = 'COMPLETE'"
         ).fetchone()

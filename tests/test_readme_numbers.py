@@ -24,3 +24,19 @@ def test_durations_are_read_only_from_durations(tmp_path):
 
 def test_the_section_is_the_results_one():
     assert results_section().startswith("## Results") and not re.search(r"\n## (?!#)", results_section()[3:])
+
+
+def test_a_study_gives_its_trials_parameters_and_attributes(tmp_path):
+    """A trial's attention factor and short-window cost can be quoted, not only its value."""
+    import optuna
+
+    from benchmarks.readme_numbers import study_numbers
+
+    path = tmp_path / "run-study.db"
+    study = optuna.create_study(storage=f"sqlite:///{path}")
+    trial = study.ask({"attention_factor": optuna.distributions.FloatDistribution(0.8, 1.3)})
+    trial.set_user_attr("short_cost", 0.0196)
+    trial.set_user_attr("run", "not a number")
+    study.tell(trial, 2.5)
+    numbers = [value for value, _ in study_numbers(path)]
+    assert 0.0196 in numbers and trial.params["attention_factor"] in numbers and 2.5 in numbers
