@@ -14,8 +14,8 @@
 #   session.sh setup           assemble, install, check the GPU
 #   session.sh scoring         scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
 #   session.sh search16|32 [N] the 16k / 32k search, both stages (N: stop after N evaluations, a smoke run)
-#   session.sh short32 [N]     the short-factor stage alone for the committed 32k factors
-#   session.sh short16free [N] the short-factor stage alone for the committed 16k factors, free space below 1
+#   session.sh short NAME [N]  a short-factor stage alone (configs/NAME.yaml, with `long_factors:`), e.g.
+#                              smollm2-32k-short, smollm2-16k-short-free, smollm2-16k-unguarded-short
 #   session.sh resume16|32     finish this machine's latest 16k / 32k run (a call cut off by its time limit)
 #   session.sh train32 [N]     mixed-window fine-tune with this machine's 32k run (long and short factors;
 #                              else the committed ones); N: train N steps only (a smoke run, results not kept)
@@ -64,14 +64,11 @@ case "$step" in
   scoring)
     $py benchmarks/scoring.py --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
         --docs 4 --candidates 4 --repeats 3 --out "$OUT/$card/scoring.json" ;;
-  search16|search32|short32|short16free)
-    case $step in
-      search*) name=smollm2-${step#search}k ;;
-      short32) name=smollm2-32k-short ;;
-      short16free) name=smollm2-16k-short-free ;;
-    esac
+  search16|search32|short)
+    if [ "$step" = short ]; then name=${2:?config name} limit=${3:-}
+    else name=smollm2-${step#search}k limit=${2:-}
+    fi
     config=configs/$name.yaml
-    limit=${2:-}
     $py -m search.cli search "$config" --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
         | tr '\r' '\n' | grep -v "^search: " | tail -40
     run=$(ls -d /tmp/gpu/runs/$name-2* | tail -1)
