@@ -97,7 +97,8 @@ case "$step" in
     cp "$out/evaluation.json" "$OUT/$card/smollm2-mixed-32k-evaluation.json"
     cp "$out/metrics.csv" "$OUT/$card/smollm2-mixed-32k-metrics.csv" ;;
   eval)
-    config=${2:-configs/eval-smollm2.yaml} name=$(basename "${2:-configs/eval-smollm2.yaml}" .yaml)
+    config=${2:-configs/eval-smollm2.yaml}
+    name=$(basename "$config" .yaml)
     for length in 16 32; do  # this machine's latest full search at that length, if any
       run=$(ls -d /tmp/gpu/runs/smollm2-${length}k-2* 2>/dev/null | tail -1 || true)
       [ -n "$run" ] && sed -i "s#^  searched-${length}k: .*#  searched-${length}k: $run#" "$config"
