@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.output import emit  # noqa: E402
-from search import driver, runs  # noqa: E402
+from search import driver, long_stage, runs  # noqa: E402
 from search.workers import Batch, ScoringWorker, WorkerSetup  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
         # one baseline: they are scored before the loop's clock starts, and at 32k six cost a minute
         config = runs.load_search_config(config_path, {"budget.minutes": None, "baselines": ["none"], **overrides})
         run_dir = runs.create(config, Path(tmp))
-        ctx = driver.open_context(run_dir, config)
+        ctx = long_stage.open_context(run_dir, config)
         summary = driver.search(ctx, stop_after=evaluations, quiet=True)
         candidates = [ctx.candidate(t.params) for t in sorted(ctx.study.trials, key=lambda t: t.number)]
     summary["evaluations_per_s"] = summary["evaluated"] / summary["loop_seconds"]

@@ -22,7 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitness.models import machine_name  # noqa: E402
-from search import driver, runs  # noqa: E402
+from search import driver, long_stage, runs  # noqa: E402
 
 CONFIG = {
     "name": "soak",
@@ -70,7 +70,7 @@ def main():
         config_path.write_text(yaml.safe_dump(CONFIG))
         config = runs.load_search_config(config_path)
         run_dir = runs.create(config, Path(tmp) / "runs")
-        ctx = driver.open_context(run_dir, config)
+        ctx = long_stage.open_context(run_dir, config)
         db = run_dir / "study.db"
 
         def sample():

@@ -49,25 +49,41 @@ def kjv_text() -> str:
 
 
 PARTS = {"search": (0.0, 0.25), "evaluation": (0.25, 1.0)}  # fractions of the tokenized text
+GENERAL_ENGLISH = "kjv"  # the text source name of the King James Bible; any other is a haystack source
 
 
-@functools.lru_cache(maxsize=4)
-def _kjv_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer(kjv_text(), add_special_tokens=False)["input_ids"])
+@functools.lru_cache(maxsize=8)
+def _text_ids(tokenizer, source: str) -> tuple[int, ...]:
+    if source == GENERAL_ENGLISH:
+        return tuple(tokenizer(kjv_text(), add_special_tokens=False)["input_ids"])
+    from fitness.needles import Haystack
+
+    return tuple(t for piece in Haystack(tokenizer, [source]).pieces for t in piece)
+
+
+def text_windows(tokenizer, sources: Sequence[str], length: int, count: int, part: str = "evaluation") -> torch.Tensor:
+    """`count` windows of `length` tokens, evenly spaced over one part of the sources' text (each source
+    split by token position, then the parts joined): [count, length] int64. A source is `kjv` (general
+    English, which nothing trains on) or a haystack source: the text a model was trained on, such as the
+    bundled model's `pydoc`, is the text whose short-window perplexity says what it can still do."""
+    if part not in PARTS:
+        raise RopeSearchError(f"general text part {part!r}: known parts are {', '.join(PARTS)}")
+    ids: list[int] = []
+    for source in sources:
+        every = _text_ids(tokenizer, source)
+        low, high = (int(len(every) * fraction) for fraction in PARTS[part])
+        ids.extend(every[low:high])
+    available = len(ids) // length
+    if available < 1:
+        raise RopeSearchError(f"text {list(sources)} ({part} part) has {len(ids)} tokens: too few for one window "
+                              f"of {length}")
+    starts = [(i * available // min(count, available)) * length for i in range(min(count, available))]
+    return torch.tensor([ids[s : s + length] for s in starts], dtype=torch.long)
 
 
 def general_windows(tokenizer, length: int, count: int, part: str = "evaluation") -> torch.Tensor:
-    """`count` windows of `length` tokens, evenly spaced over one part of the text: [count, length] int64."""
-    if part not in PARTS:
-        raise RopeSearchError(f"general text part {part!r}: known parts are {', '.join(PARTS)}")
-    ids = _kjv_ids(tokenizer)
-    low, high = (int(len(ids) * fraction) for fraction in PARTS[part])
-    ids = ids[low:high]
-    available = len(ids) // length
-    if available < 1:
-        raise RopeSearchError(f"general text ({part}) has {len(ids)} tokens: too few for one window of {length}")
-    starts = [(i * available // min(count, available)) * length for i in range(min(count, available))]
-    return torch.tensor([ids[s : s + length] for s in starts], dtype=torch.long)
+    """Windows of general English text (`text_windows` of `kjv`)."""
+    return text_windows(tokenizer, [GENERAL_ENGLISH], length, count, part)
 
 
 def _chunk_nll_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

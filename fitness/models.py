@@ -7,6 +7,8 @@ Aliases:
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 import logging
@@ -89,29 +91,48 @@ def _loading(name: str, what: str):
         raise RopeSearchError(f"model {name!r}: cannot read its {what} ({type(err).__name__}: {first})") from None
 
 
-def load_config(name: str):
-    """The model's HF config alone (enough for its RoPE geometry), without loading weights."""
+def _stamp(path: Path) -> tuple:
+    """What identifies a file's version for the caches below: a rewritten file is read again."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path), None, None)
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _config(directory: Path, gguf_file: str | None, stamp: tuple):
     from transformers import AutoConfig
 
+    if gguf_file:
+        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    return AutoConfig.from_pretrained(directory)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(directory: Path, gguf_file: str | None, stamp: tuple):
+    from transformers import AutoTokenizer
+
+    if gguf_file:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def load_config(name: str):
+    """The model's HF config alone (enough for its RoPE geometry), without loading weights. Parsed once per
+    file version (a GGUF's takes seconds; every command's checks read it), handed out as a copy."""
     directory, gguf_file = resolve(name)
     with _loading(name, "config"):
-        return (
-            AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
-            if gguf_file
-            else AutoConfig.from_pretrained(directory)
-        )
+        return copy.deepcopy(_config(directory, gguf_file, _stamp(directory / (gguf_file or "config.json"))))
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
+    """The model's tokenizer, loaded once per file version and shared: read it, never change it."""
     directory, gguf_file = resolve(name)
+    source = directory / gguf_file if gguf_file else next(
+        (directory / f for f in ("tokenizer.json", "tokenizer_config.json") if (directory / f).exists()), directory)
     with _loading(name, "tokenizer"):
-        return (
-            AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-            if gguf_file
-            else AutoTokenizer.from_pretrained(directory)
-        )
+        return _tokenizer(directory, gguf_file, _stamp(source))
 
 
 def load_model(settings: ModelSettings | str):

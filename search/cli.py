@@ -41,12 +41,12 @@ def _search(args) -> int:
 
 
 def _run(run_dir: Path, stop_after: int | None) -> int:
-    from search import report, runs
+    from search import driver, report, runs
 
     summary = runs.run(run_dir, stop_after=stop_after)
     if "evaluated" in summary:  # the long stage ran in this call
         print(f"{summary['evaluated']} evaluations in {summary['seconds']:.0f} s; best factors: "
-              f"{run_dir / 'best_factors.json'}")  # fmt: skip
+              f"{run_dir / 'best_factors.json'}")
     if summary.get("pruning"):
         print(report.format_pruning(summary["pruning"]))
     if summary.get("report"):
@@ -54,9 +54,12 @@ def _run(run_dir: Path, stop_after: int | None) -> int:
     short = summary.get("short")
     if short:
         print(f"short factors: {short['evaluated']} evaluations in {short['seconds']:.0f} s; "
-              f"{run_dir / 'best_short_factors.json'}")  # fmt: skip
+              f"{run_dir / 'best_short_factors.json'}")
         if short.get("report"):
             print(report.format_short_report(short["report"]))
+    stopped = summary.get("stopped") or (short or {}).get("stopped")
+    if stopped:  # the last line says why nothing was finished
+        print(driver.stop_line(stopped, f"ropesearch resume {run_dir}"))
     return 0
 
 

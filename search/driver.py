@@ -1,8 +1,9 @@
-"""Run and resume a search stage: a study in Optuna storage, ask -> score -> tell.
+"""The loop both stages run: ask -> score -> tell, from a study in Optuna storage.
 
-The long stage searches the long factors on needle documents (`open_context`); the short stage
-(search/short_stage.py) searches short factors for a fixed long candidate on general text. Both are
-a `SearchContext` and run through the same loop.
+A stage (search/long_stage.py, search/short_stage.py) sets up a `SearchContext`: its space, sampler,
+study, what its workers are built from, its seeds and budget; `run_stage` runs the loop and, once the
+stage's budget is spent, the stage's own ending (best factors, plots, report). This module knows no
+config: what it reads of one is the `workers` section and, under pruning, the number of documents.
 
 Everything a run knows is in its study: each evaluation is committed (tell) before it counts, so a
 driver killed at any point resumes from storage alone. Trials left RUNNING by a dead driver are
@@ -11,6 +12,7 @@ marked failed as "interrupted" and their slots are asked again.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -18,27 +20,23 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from fitness.factors import RopeCandidate, baseline
-from fitness.geometry import RopeGeometry, geometry_from_config
-from fitness.models import load_config
-from search.evolution import EvolutionarySampler
-from search.guard import SHORT_COST, ShortGuardSettings, best_trial, record_cost
+from fitness.factors import RopeCandidate
+from fitness.geometry import RopeGeometry
+from search.guard import (SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost,
+                          violation)
 from search.liveness import Heartbeat, fail_interrupted
 from search.objective import NEEDLE_PPL, objective_value
-from search.pruning import make_pruner
-from search.slots import DRIVER, ERROR, NoSlots, Slots
+from search.slots import DRIVER, ERROR, GenerationSlots, Slots
 from search.space import RopeSpace, ShortSpace
-from search.storage import open_storage
 from search.workers import CandidateScore, Job, TextSetup, WorkerSetup, make_pool
 
-if TYPE_CHECKING:  # the config names the stages' settings, and the short stage's module runs this driver
-    from search.config import SearchConfig
+STOPPED = "ropesearch:stopped"  # study user attribute: why the last call ended before the budget was spent
 
 
 @dataclass
@@ -47,7 +45,7 @@ class SearchContext:
     what its workers are built from, the seeds it scores once, its budget and its best-factors file."""
 
     run_dir: Path
-    config: SearchConfig
+    config: Any  # the run's SearchConfig (search/config.py imports the stages, which import this module)
     geometry: RopeGeometry
     target: int
     space: RopeSpace | ShortSpace
@@ -70,41 +68,6 @@ class SearchContext:
 
     def candidate(self, params: dict) -> RopeCandidate:
         return self.space.decode(params)
-
-
-def make_sampler(config: SearchConfig, space: RopeSpace) -> tuple[optuna.samplers.BaseSampler, Slots]:
-    """The study's sampler and the slot book the driver asks (the evolution fills slots; the others don't)."""
-    settings = config.sampler
-    if settings.name == "evolution":
-        sampler = EvolutionarySampler(space, settings.evolution, seed=settings.seed)
-        return sampler, sampler.slots
-    if settings.name == "tpe":
-        return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True), NoSlots()
-    if settings.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=settings.seed), NoSlots()
-    return optuna.samplers.RandomSampler(seed=settings.seed), NoSlots()
-
-
-def open_context(run_dir: Path, config: SearchConfig, storage=None) -> SearchContext:
-    """The context of a run whose study exists (`runs.create` makes it with the folder)."""
-    geometry = geometry_from_config(load_config(config.model.name))
-    target = config.target(geometry.original_window)
-    space = RopeSpace(geometry, target, config.space)
-    sampler, slots = make_sampler(config, space)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(
-        storage=storage or open_storage(config.storage, run_dir),
-        study_name=config.name,
-        sampler=sampler,
-        pruner=make_pruner(config.pruning),
-    )
-    setup = WorkerSetup(config.model, config.needles, target, config.workers.documents_per_forward,
-                        config.short_guard)  # fmt: skip
-    seeds = {name: baseline(name, geometry, target) for name in config.baselines}
-    first_stage = None if config.pruning.name == "none" else list(range(config.pruning.documents))
-    return SearchContext(run_dir, config, geometry, target, space, sampler, slots, study, setup, seeds,
-                         config.budget.evaluations, config.budget.minutes, first_stage, config.short_guard,
-                         objective=NEEDLE_PPL)  # fmt: skip
 
 
 # ---------------------------------------------------------------- asking
@@ -152,7 +115,7 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
     _keep_scores(ctx, trial_id, score)
-    record_cost(storage, trial_id, score.short_cost, ctx.guard)  # before tell: samplers read it
+    record_cost(storage, trial_id, score.short_cost, ctx.guard, score.window_violation)  # before tell: samplers read it
     ctx.study.tell(asked.trial, score.fitness)
     return True
 
@@ -164,6 +127,8 @@ def _keep_scores(ctx: SearchContext, trial_id: int, score: CandidateScore) -> No
     for name, part in score.by_format().items():  # plain numbers: a column each in optuna-dashboard's table
         storage.set_trial_user_attr(trial_id, f"ppl:{name}", part.fitness)
         storage.set_trial_user_attr(trial_id, f"retrieval:{name}", part.retrieval)
+    if score.window_needles is not None:
+        storage.set_trial_user_attr(trial_id, WINDOW_NEEDLES, score.window_needles)
 
 
 def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
@@ -218,6 +183,7 @@ def best_candidate(ctx: SearchContext) -> tuple[RopeCandidate, optuna.trial.Froz
         ctx.objective: best.value,
         "retrieval": best.user_attrs.get("retrieval"),
         SHORT_COST: best.user_attrs.get(SHORT_COST),
+        VIOLATION: violation(best),
         "trial": best.number,
         "study": ctx.study_name,
         "run": ctx.run_dir.name,
@@ -238,6 +204,8 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
             results[outcome.job.tag] = {ctx.objective: score.fitness, "retrieval": score.retrieval}
             if score.short_cost is not None:  # measured wherever the worker has the guard's text
                 results[outcome.job.tag][SHORT_COST] = score.short_cost
+            if score.window_needles is not None:
+                results[outcome.job.tag][WINDOW_NEEDLES] = score.window_needles
     ctx.study.set_user_attr("baselines", results)
     return results
 
@@ -269,10 +237,13 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                     dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     open_trials: set[int] = set()  # asked here, not settled yet
     outstanding = 0  # jobs queued or running
+    out_of_time = False
 
     def room() -> int:
         """How many more trials may be asked now: the budgets, the clock and `stop_after` allowing."""
+        nonlocal out_of_time
         if ctx.minutes is not None and time.time() - started > ctx.minutes * 60:
+            out_of_time = True
             return 0
         limits = [k]
         if budget is not None:
@@ -328,7 +299,59 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
         pool.close()
     ended = time.time()
     return {"evaluated": evaluated, "seconds": ended - started, "loop_seconds": ended - loop_started,
-            "completed": completed(ctx)}  # fmt: skip
+            "completed": completed(ctx), "out_of_time": out_of_time}
+
+
+def stage_done(ctx: SearchContext) -> bool:
+    """The stage's evaluations are spent (or, by generations, every slot is settled or given up). A stage
+    with no count of evaluations ends by the clock alone, and is done whenever it stops."""
+    budget = total_budget(ctx)
+    if budget is None:
+        return True
+    return completed(ctx) >= budget or (isinstance(ctx.slots, GenerationSlots) and ctx.slots.finished(ctx.study))
+
+
+def run_stage(ctx: SearchContext, finish: Callable[[SearchContext], dict | None], stop_after: int | None = None,
+              quiet: bool = False) -> dict:
+    """The loop until the budget is spent, then the stage's ending (`finish`: best factors, plots, report).
+    Stopped sooner, by `stop_after` or by the clock (`minutes`, per call), it keeps its best factors so far
+    and no report: `ropesearch resume` goes on where it stopped, and a stop by the clock is recorded in the
+    study, for the last line and for `status`."""
+    summary = search(ctx, stop_after=stop_after, quiet=quiet)
+    if stage_done(ctx):
+        if ctx.study.user_attrs.get(STOPPED):
+            ctx.study.set_user_attr(STOPPED, None)
+        summary["report"] = finish(ctx)
+        return summary
+    write_best(ctx)
+    if summary["out_of_time"]:
+        stop = {"by": "minutes", "minutes": ctx.minutes, "completed": completed(ctx), "budget": total_budget(ctx)}
+        ctx.study.set_user_attr(STOPPED, stop)
+        summary["stopped"] = stop
+    return summary
+
+
+def stop_line(stop: dict, resume: str) -> str:
+    """What a stop by the clock says: where it stopped, and the command that goes on."""
+    return (f"stopped by its time budget ({stop['minutes']:g} minutes a call) after {stop['completed']} of "
+            f"{stop['budget']} evaluations; `{resume}` goes on for as long again (raise the minutes in its "
+            f"config.yaml for more)")
+
+
+def stopped_note(ctx: SearchContext, resume: str) -> str | None:
+    """The stop line when the last call of an unfinished stage was stopped by its clock."""
+    stop = ctx.study.user_attrs.get(STOPPED)
+    return None if not stop or stage_done(ctx) else stop_line(stop, resume)
+
+
+def write_json(path: Path, data) -> None:
+    """A results file, whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _trial_ids(job: Job) -> set[int]:
@@ -351,10 +374,13 @@ def _kept_best(path: Path) -> RopeCandidate | None:
 
 
 def _guarded_rank(ctx: SearchContext, candidate: RopeCandidate) -> tuple[float, float]:
-    """(short-window guard violation, told value): the order best_trial uses, for a saved candidate."""
+    """(constraint violation, told value): the order best_trial uses, for a saved candidate. Files written
+    before the violation was stored give the long stage's guard violation from their short-window cost."""
+    if VIOLATION in candidate.params:
+        return candidate.params[VIOLATION], objective_value(candidate.params)
     cost, limit = candidate.params.get(SHORT_COST), ctx.guard.max_cost
-    violation = max(0.0, cost - limit) if cost is not None and limit is not None else 0.0
-    return violation, objective_value(candidate.params)
+    excess = max(0.0, cost - limit) if cost is not None and limit is not None else 0.0
+    return excess, objective_value(candidate.params)
 
 
 def write_best(ctx: SearchContext) -> RopeCandidate | None:

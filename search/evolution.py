@@ -49,7 +49,11 @@ class EvolutionarySampler(BaseSampler):
         self._assigned: dict[int, tuple[int, int]] = {}
         self._fallback = RandomSampler(seed=seed)
         # the book of slots the driver asks; the sampler itself only learns which slot a new trial fills
-        self.slots = GenerationSlots(settings, self.proposals)
+        self.slots = GenerationSlots(self.generation_size, settings.generations, settings.max_attempts,
+                                     self.proposals)
+
+    def generation_size(self, generation: int) -> int:
+        return self.settings.population if generation == 0 else self.settings.mutations + self.settings.crossovers
 
     # ---------------------------------------------------------------- the Optuna sampler interface
     def infer_relative_search_space(self, study, trial):
@@ -131,7 +135,7 @@ class EvolutionarySampler(BaseSampler):
 
     def _children(self, rng: random.Random, history: list[FrozenTrial], seen: set) -> list[dict]:
         if not history:  # everything so far failed: start again from random points
-            return self._fill(rng, lambda: self._random(rng), self.slots.generation_size(1), seen)
+            return self._fill(rng, lambda: self._random(rng), self.generation_size(1), seen)
         parents = [self.space.repair(t.params) for t in history[: self.settings.parents]]
         mutants = self._fill(rng, lambda: self._mutate(rng, rng.choice(parents)), self.settings.mutations, seen)
         crossed = self._fill(

@@ -15,12 +15,19 @@ infeasible ones the smaller violation. Constraint values live in the trial's sys
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from fitness.scoring import Score
+
 CONSTRAINTS = "constraints"
 SHORT_COST = "short_cost"
+WINDOW_NEEDLES = "window_needles"
+VIOLATION = "constraint_violation"  # a saved candidate's violation (0: feasible), so a kept file ranks as its trial did  # the short stage's in-window needle scores, per "LENGTH/FORMAT" group
 
 
 class ShortGuardSettings(BaseModel):
@@ -35,12 +42,19 @@ class ShortGuardSettings(BaseModel):
         return self.max_cost is not None
 
 
-def record_cost(storage, trial_id: int, short_cost: float | None, settings: ShortGuardSettings) -> None:
-    if short_cost is None:
-        return
-    storage.set_trial_user_attr(trial_id, SHORT_COST, short_cost)
-    if settings.enabled:
-        storage.set_trial_system_attr(trial_id, CONSTRAINTS, [short_cost - settings.max_cost])
+def record_cost(storage, trial_id: int, short_cost: float | None, settings: ShortGuardSettings,
+                window_violation: float | None = None) -> None:
+    """The trial's short-window cost (a user attribute) and its constraints: the long stage's text cost
+    under `settings`, the short stage's in-window needle violation; none stored when neither applies."""
+    constraints = []
+    if short_cost is not None:
+        storage.set_trial_user_attr(trial_id, SHORT_COST, short_cost)
+        if settings.enabled:
+            constraints.append(short_cost - settings.max_cost)
+    if window_violation is not None:
+        constraints.append(window_violation)
+    if constraints:
+        storage.set_trial_system_attr(trial_id, CONSTRAINTS, constraints)
 
 
 def violation(trial: FrozenTrial) -> float:
@@ -55,3 +69,37 @@ def rank(trial: FrozenTrial) -> tuple[float, float]:
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return min(complete, key=lambda t: (*rank(t), t.number)) if complete else None
+
+
+# ---------------------------------------------------------------- in-window needles (the short stage)
+class WindowNeedleSettings(BaseModel):
+    """The short stage's guard: needle documents inside the window, in the search's own needle formats and
+    haystack (another seed), scored for every candidate. A candidate whose needle PPL in any (length,
+    format) group rises more than `max_ppl_increase` above the reference's there, or whose retrieval falls
+    more than `max_retrieval_drop` below it, is infeasible. The reference is ones: what the long stage
+    alone exports (its attention factor, no short factors), so the stage can only keep or improve what
+    short inputs could do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lengths: list[int] | None = Field(default=None, min_length=1, max_length=16)  # None: window/2 and window
+    documents: int = Field(default=8, gt=0, le=1024)  # per length
+    seed: int = Field(default=500, ge=0, le=2**32 - 1)
+    max_ppl_increase: float = Field(default=0.02, ge=0, le=10)
+    max_retrieval_drop: float = Field(default=0.0, ge=0, le=1)
+
+
+def group_scores(groups_by_length: dict[int, dict[str, "Score"]]) -> dict[str, dict]:
+    """{"LENGTH/FORMAT": {"needle_ppl", "retrieval"}}: one row per group, the form stored and reported."""
+    return {f"{length}/{name}": {"needle_ppl": part.fitness, "retrieval": part.retrieval}
+            for length, parts in groups_by_length.items() for name, part in parts.items()}
+
+
+def window_needle_violation(scores: dict[str, dict], reference: dict[str, dict], settings: WindowNeedleSettings) -> float:
+    """The largest excess over the tolerances in any group (<= 0: feasible), as Optuna's constraints read it."""
+    excess = []
+    for group, ref in reference.items():
+        mine = scores[group]
+        excess.append(mine["needle_ppl"] / ref["needle_ppl"] - 1 - settings.max_ppl_increase)
+        excess.append(ref["retrieval"] - mine["retrieval"] - settings.max_retrieval_drop)
+    return max(excess)

@@ -22,7 +22,6 @@ held-out report.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import time
@@ -34,16 +33,13 @@ import yaml
 
 from fitness.config_io import read_yaml, validate
 from fitness.errors import RopeSearchError
-from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.geometry import geometry_from_config
-from fitness.models import load_config, load_model, machine_name
+from fitness.models import load_config
 from fitness.factors import RopeCandidate, check_geometry
-from search import driver, report, short_stage
+from search import driver, long_stage, short_stage
 from fitness.config_checks import (MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model,
                                    naming)  # fmt: skip
 from search.config import SearchConfig, unresumable_changes
-from search.objective import LABELS
-from search.pruning import saved_scorings
 from search.space import RopeSpace
 from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
 from search.workers import check_ray_address
@@ -87,6 +83,7 @@ def check_search(config: SearchConfig, source: str) -> None:
         raise RopeSearchError(f"{source}: {key}: a target of {target} tokens is beyond {MAX_TARGET_WINDOW}")
     with naming(source, "space"):
         RopeSpace(geometry, target, config.space)
+    given = None
     if config.long_factors is not None:
         with naming(source, "long_factors"):
             given = RopeCandidate.from_source(config.long_factors)
@@ -94,10 +91,10 @@ def check_search(config: SearchConfig, source: str) -> None:
         if given.target_window != target:
             raise RopeSearchError(f"{source}: long_factors {config.long_factors} were made for {given.target_window} "
                                   f"tokens, the config's target is {target}")  # fmt: skip
-    if config.short_search is not None:
-        short_stage.check_lengths(config, geometry.original_window, source)
     check_haystacks(config.needles.haystack, source, "needles.haystack")
     check_haystacks(config.holdout.haystack, source, "holdout.haystack")
+    if config.short_search is not None:  # builds documents from those haystacks
+        short_stage.check(config, geometry.original_window, source, given)
     check_reachable(config.storage, source)
     if config.workers.backend == "ray":
         with naming(source, "workers.address"):
@@ -181,7 +178,7 @@ def open_run(run_dir: Path, config: SearchConfig, read_only: bool = False) -> dr
     saved = storage.get_study_system_attrs(study_id).get(CONFIG_ATTR)
     if saved is not None:
         _same_search(saved, config, f"{run_dir / 'config.yaml'} (edited since the run began)")
-    return driver.open_context(run_dir, config, storage)
+    return long_stage.open_context(run_dir, config, storage, read_only=read_only)
 
 
 @contextmanager
@@ -199,104 +196,45 @@ def driver_lock(run_dir: Path):
         os.close(fd)  # closing releases the lock; a killed driver's lock goes with its process
 
 
-def holdout_report(ctx: driver.SearchContext, candidate) -> dict:
-    """Baselines and the searched candidate on the held-out needle set, in this process."""
-    config = ctx.config
-    model, tokenizer = load_model(config.model)
-    methods = {name: baseline_method(name, ctx.geometry) for name in config.baselines}
-    methods["searched"] = fixed_method(candidate)
-    k = config.workers.candidates_per_forward
-    dpf = config.workers.documents_per_forward
-    scored = evaluate_methods(model, tokenizer, config.holdout, [ctx.target], methods, dpf, k, show_progress=False)
-    own = evaluate_methods(
-        model, tokenizer, config.holdout, [ctx.geometry.original_window],
-        {"none": baseline_method("none", ctx.geometry)}, dpf, k, show_progress=False,
-    )  # fmt: skip
-    return {
-        "machine": machine_name(next(model.parameters()).device),
-        "length": ctx.target,
-        "original_window": ctx.geometry.original_window,
-        "documents": config.holdout.documents,
-        "haystack": config.holdout.haystack,
-        "seed": config.holdout.seed,
-        "methods": {name: rows[ctx.target] for name, rows in scored.items()},
-        "in_window": own["none"][ctx.geometry.original_window]["needle_ppl"],
-    }
-
-
-def finish(ctx: driver.SearchContext) -> dict | None:
-    """best_factors.json, plots, and the held-out report; returns the report."""
-    candidate = driver.write_best(ctx)
-    baselines = ctx.study.user_attrs.get("baselines", {})
-    (ctx.run_dir / "baselines.json").write_text(json.dumps(baselines, indent=2))
-    if candidate is None:
-        return None
-    report.plot_factors(candidate, ctx.geometry, ctx.target, ctx.run_dir / "factors.png")
-    report.plot_fitness(ctx.study, baselines, ctx.run_dir / "fitness.png")
-    result = holdout_report(ctx, candidate)
-    result["summary"] = report.gap_closed(result)
-    if ctx.config.pruning.name != "none":
-        result["pruning"] = saved_scorings(ctx.study, ctx.config.pruning, ctx.config.needles.documents)
-    (ctx.run_dir / "report.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def long_stage_done(run_dir: Path, config: SearchConfig) -> bool:
-    """Given factors, or a finished long stage (its report is written last): the short stage may begin."""
-    return config.long_factors is not None or (Path(run_dir) / "report.json").exists()
-
-
 def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> dict:
     """Both stages, each resumed where it stands: the long one until its budget is spent and its report
-    written, then (with `short_search`) the short one. `stop_after` counts this call's evaluations."""
+    written, then (with `short_search`) the short one. `stop_after` counts this call's evaluations; a stage
+    stopped by its clock ends the call there (`summary["stopped"]`)."""
     config = load(run_dir)
     ctx = open_run(Path(run_dir), config)  # reads only: a lost study is refused before anything is written
     with driver_lock(run_dir):
-        summary = {"long_done": True}  # nothing left to do in the long stage
-        if config.short_search is None or not long_stage_done(run_dir, config):
-            summary = _finish_run(ctx, driver.search(ctx, stop_after=stop_after, quiet=quiet), stop_after)
-        if config.short_search is not None and long_stage_done(run_dir, config):
+        summary: dict = {}
+        if not long_stage.done(run_dir, config):
+            summary = driver.run_stage(ctx, long_stage.finish, stop_after=stop_after, quiet=quiet)
+            if (pruning := long_stage.pruning_summary(ctx)) is not None:
+                summary["pruning"] = pruning
+        if config.short_search is not None and long_stage.done(run_dir, config):
             left = None if stop_after is None else stop_after - summary.get("evaluated", 0)
             if left is None or left > 0:
-                summary["short"] = short_stage.run(Path(run_dir), config, stop_after=left, quiet=quiet)
+                short = short_stage.open_context(Path(run_dir), config)
+                summary["short"] = driver.run_stage(short, short_stage.finish, stop_after=left, quiet=quiet)
         return summary
 
 
-def _finish_run(ctx: driver.SearchContext, summary: dict, stop_after: int | None) -> dict:
-    config = ctx.config
-    if config.pruning.name != "none":
-        summary["pruning"] = saved_scorings(ctx.study, config.pruning, config.needles.documents)
-    if stop_after is None or driver.completed(ctx) >= (driver.total_budget(ctx) or 0):
-        summary["report"] = finish(ctx)
-    else:
-        driver.write_best(ctx)
-    return summary
-
-
 def status(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
     config = load(run_dir)
+    resume = f"ropesearch resume {run_dir}"
     if config.long_factors is not None:
-        return f"long factors given: {config.long_factors}\n" + _short_status(Path(run_dir), config)
-    ctx = open_run(Path(run_dir), config, read_only=True)
-    state = ctx.slots.state(ctx.study)
-    text = report.format_status(ctx.study, ctx.study.user_attrs.get("baselines", {}), driver.total_budget(ctx), state)
-    if config.pruning.name != "none":
-        text += "\n" + report.format_pruning(saved_scorings(ctx.study, config.pruning, config.needles.documents))
-    if (Path(run_dir) / "report.json").exists():
-        text += "\n" + report.format_report(json.loads((Path(run_dir) / "report.json").read_text()))
-    if config.short_search is not None:
-        text += "\n" + _short_status(Path(run_dir), config)
-    return text
-
-
-def _short_status(run_dir: Path, config: SearchConfig) -> str:
-    if not long_stage_done(run_dir, config):
-        return "short factors: begin when the long stage has finished"
-    ctx = short_stage.open_context(run_dir, config, read_only=True)
-    if ctx is None:
-        return "short factors: not begun"
-    baselines = ctx.study.user_attrs.get("baselines", {})
-    text = report.format_status(ctx.study, baselines, driver.total_budget(ctx), what=LABELS[ctx.objective])
-    if (run_dir / "short_report.json").exists():
-        text += "\n" + report.format_short_report(json.loads((run_dir / "short_report.json").read_text()))
+        text = f"long factors given: {config.long_factors}"
+    else:
+        ctx = open_run(run_dir, config, read_only=True)
+        text = long_stage.status(ctx)
+        if note := driver.stopped_note(ctx, resume):
+            text += "\n" + note
+    if config.short_search is None:
+        return text
+    if not long_stage.done(run_dir, config):
+        return text + "\nshort factors: begin when the long stage has finished"
+    short = short_stage.open_context(run_dir, config, read_only=True)
+    if short is None:
+        return text + "\nshort factors: not begun"
+    text += "\n" + short_stage.status(short)
+    if note := driver.stopped_note(short, resume):
+        text += "\n" + note
     return text

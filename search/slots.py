@@ -99,25 +99,26 @@ class NoSlots:
 
 
 class GenerationSlots:
-    """The evolution's book. `propose(study, generation)` is the generation's list of parameters (the
-    sampler's pure function of the seed and the earlier generations)."""
+    """The book of a sampler that works by generations (the evolution, generational CMA-ES).
+    `generation_size(g)` slots in generation g, `generations` in all; `propose(study, generation)` is the
+    generation's list of parameters (the sampler's pure function of the seed and the earlier generations);
+    a slot is given up after `max_attempts` failed evaluations."""
 
-    def __init__(self, settings, propose: Callable[[object, int], list[dict]]):
-        self.settings, self.propose = settings, propose
-
-    def generation_size(self, generation: int) -> int:
-        return self.settings.population if generation == 0 else self.settings.mutations + self.settings.crossovers
+    def __init__(self, generation_size: Callable[[int], int], generations: int, max_attempts: int,
+                 propose: Callable[[object, int], list[dict]]):
+        self.generation_size, self.generations, self.max_attempts = generation_size, generations, max_attempts
+        self.propose = propose
 
     @property
     def total(self) -> int:
-        return sum(self.generation_size(g) for g in range(self.settings.generations))
+        return sum(self.generation_size(g) for g in range(self.generations))
 
     def state(self, study) -> SlotState:
         by_slot = defaultdict(list)
         for trial in study.get_trials(deepcopy=False):
             if (slot := slot_of(trial)) is not None:
                 by_slot[slot].append(trial)
-        for generation in range(self.settings.generations):
+        for generation in range(self.generations):
             open_slots, running = [], 0
             for slot in range(self.generation_size(generation)):
                 trials = by_slot.get((generation, slot), [])
@@ -130,11 +131,11 @@ class GenerationSlots:
                 failures = [
                     t for t in trials if not str(t.system_attrs.get(ERROR, "")).startswith((INTERRUPTED, DUPLICATE))
                 ]
-                if len(failures) < self.settings.max_attempts:
+                if len(failures) < self.max_attempts:
                     open_slots.append(slot)
             if open_slots or running:
                 return SlotState(generation, open_slots, running)
-        return SlotState(self.settings.generations, [], 0)
+        return SlotState(self.generations, [], 0)
 
     def finished(self, study) -> bool:
         return self.state(study).finished

@@ -164,7 +164,7 @@ class ShortSpaceSettings(BaseModel):
 
     mode: Literal["monotone", "free"] = "monotone"  # monotone: never decreasing over the pairs, as the long ones
     low: float = Field(default=1.0, gt=0)
-    high: float | None = Field(default=None, gt=0)  # None: the long factors' scale s
+    high: float | None = Field(default=None, gt=0, le=1e6)  # None: the largest long factor (at least s), so long^p fits
 
     @field_validator("high")
     @classmethod
@@ -181,7 +181,7 @@ class ShortSpace:
     def __init__(self, long: RopeCandidate, settings: ShortSpaceSettings):
         self.long, self.settings, self.pairs = long, settings, long.geometry.pairs
         self.low = settings.low
-        self.high = settings.high if settings.high is not None else max(long.scale, settings.low)
+        self.high = settings.high if settings.high is not None else max(long.scale, *long.long_factors, settings.low)
 
     def distributions(self) -> dict[str, BaseDistribution]:
         return {f"s{i}": FloatDistribution(self.low, self.high) for i in range(self.pairs)}

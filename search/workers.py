@@ -28,14 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
-from fitness.general_text import (candidate_perplexities, candidate_window_nll, general_windows, haystack_windows,
-                                  perplexity, window_nll)  # fmt: skip
+from fitness.general_text import (GENERAL_ENGLISH, candidate_perplexities, candidate_window_nll, haystack_windows,
+                                  perplexity, text_windows, window_nll)
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import pin_geometry
 from fitness.scoring import Score, fitness_by_group, fitness_of, score_candidates
-from search.guard import ShortGuardSettings
+from search.guard import ShortGuardSettings, WindowNeedleSettings, group_scores, window_needle_violation
 
 log = logging.getLogger("ropesearch")
 RAY_CONNECT_TIMEOUT_S = 5.0  # Ray itself retries a dead address for about a minute, silently
@@ -85,12 +85,18 @@ class WorkerSetup:
 
 @dataclass(frozen=True)
 class TextSetup:
-    """A short-factor worker: general-text windows (the search part) at lengths inside the window."""
+    """A short-factor worker: text windows (the search part) at lengths inside the window, and the
+    in-window needle documents its guard scores against the reference candidate."""
 
     model: ModelSettings
     lengths: tuple[int, ...]
     windows: tuple[int, ...]  # one count per length
     worst_ratio: bool = False  # told value: the largest PPL ratio to the model's own over the lengths, not the PPL
+    text: tuple[str, ...] = (GENERAL_ENGLISH,)  # text sources (fitness.general_text.text_windows)
+    needles: NeedleSettings | None = None  # in-window needle documents; None: no needle guard
+    needle_lengths: tuple[int, ...] = ()
+    reference: RopeCandidate | None = None  # the guard's reference (ones: what the long stage alone exports)
+    guard: WindowNeedleSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,10 @@ class CandidateScore:
     short_cost: float | None = None  # search.guard.SHORT_COST; None: not measured (no guard text, or a second stage)
     # each document's needle format, in the order of document_nll; empty for general-text windows
     document_format: list[str] = field(default_factory=list)
+    # the short stage's in-window needles: {"LENGTH/FORMAT": {"needle_ppl", "retrieval"}} and the guard's
+    # violation of them (search.guard.window_needle_violation); None: not measured
+    window_needles: dict | None = None
+    window_violation: float | None = None
 
     @classmethod
     def of(cls, score: Score, seconds: float, short_cost: float | None = None,
@@ -175,26 +185,40 @@ class TextWorker:
     def __init__(self, setup: TextSetup):
         self.model, self.tokenizer = load_model(setup.model)
         pin_geometry(self.model)
-        self.windows = [general_windows(self.tokenizer, n, count, part="search")
-                        for n, count in zip(setup.lengths, setup.windows)]  # fmt: skip
+        self.windows = [text_windows(self.tokenizer, setup.text, n, count, part="search")
+                        for n, count in zip(setup.lengths, setup.windows)]
         self.own_ppl = [math.exp(window_nll(self.model, ids).mean().item()) for ids in self.windows]
         self.worst_ratio = setup.worst_ratio
+        self.guard, self.needle_sets, self.reference = setup.guard, {}, None
+        if setup.needles is not None:
+            self.needle_sets = {n: build_needle_set(self.tokenizer, setup.needles, n) for n in setup.needle_lengths}
+            self.reference = self._window_needles([setup.reference])[0]
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": str(next(self.model.parameters()).device),
-                "documents": sum(len(ids) for ids in self.windows)}  # fmt: skip
+                "documents": sum(len(ids) for ids in self.windows) + sum(map(len, self.needle_sets.values()))}
+
+    def _window_needles(self, candidates: list[RopeCandidate]) -> list[dict]:
+        by_length = {n: score_candidates(self.model, needles, candidates) for n, needles in self.needle_sets.items()}
+        return [group_scores({n: fitness_by_group(self.needle_sets[n].document_formats(), scores[c].document_nll,
+                                                  scores[c].document_exact)
+                              for n, scores in by_length.items()})
+                for c in range(len(candidates))]
 
     def score(self, batch: Batch) -> list[CandidateScore]:
         started = time.perf_counter()
         candidates = list(batch.candidates)
         by_length = [candidate_window_nll(self.model, ids, candidates) for ids in self.windows]
         nll = torch.cat(by_length, dim=1)
+        needles = self._window_needles(candidates) if self.needle_sets else [None] * len(candidates)
         seconds = (time.perf_counter() - started) / len(candidates)
         scores = []
         for c, row in enumerate(nll):
             ratio = max(math.exp(n[c].mean().item()) / own for n, own in zip(by_length, self.own_ppl))
             told = ratio if self.worst_ratio else math.exp(row.mean().item())
-            scores.append(CandidateScore(told, None, row.tolist(), [], seconds, short_cost=ratio - 1))
+            violation = None if needles[c] is None else window_needle_violation(needles[c], self.reference, self.guard)
+            scores.append(CandidateScore(told, None, row.tolist(), [], seconds, short_cost=ratio - 1,
+                                         window_needles=needles[c], window_violation=violation))
         return scores
 
 
@@ -257,6 +281,8 @@ class RayPool:
 
                     raise EnvironmentFault(f"Ray address {address}: {_first_line(err)}") from None
             else:  # "local": a new cluster of our own, never whatever `ray start` left running here
+                # on loopback, for this process alone: Ray's token authentication only adds a line to stderr
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 cpus = max(os.cpu_count() or 1, int(settings.count * settings.cpus_per_worker + 0.999))
                 ray.init(address="local", num_cpus=cpus, **kwargs)
         self.actor_class = ray.remote(WORKERS[type(setup)]).options(

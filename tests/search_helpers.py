@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from optuna.trial import TrialState
 
-from search import driver, runs
+from search import long_stage, runs
 from search.slots import slot_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def write_config(tmp_path, **changes):
 
 def history_of(run_dir):
     config = runs.load(run_dir)
-    return history(driver.open_context(Path(run_dir), config).study)
+    return history(long_stage.open_context(Path(run_dir), config).study)
 
 
 def history(study) -> list[dict]:

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import driver, runs
+from search import long_stage, runs
 from search.cli import main
 from search.slots import DRIVER, slot_of
 from search.storage import open_storage
@@ -32,7 +32,7 @@ def one_complete_per_slot(study: optuna.Study, total: int = TOTAL) -> None:
 
 
 def study_of(run_dir: Path) -> optuna.Study:
-    return driver.open_context(run_dir, runs.load(run_dir)).study
+    return long_stage.open_context(run_dir, runs.load(run_dir)).study
 
 
 def new_run(tmp_path, **changes) -> Path:

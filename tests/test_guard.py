@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 from fitness.factors import RopeCandidate
 from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
 from fitness.models import load_model
-from search import driver, runs
+from search import long_stage, runs
 from search.guard import CONSTRAINTS, SHORT_COST, best_trial
 from tests.search_helpers import write_config
 
@@ -20,7 +20,7 @@ def _run(tmp_path, **changes):
     config = runs.load_search_config(write_config(tmp_path, **changes))
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)
-    return run_dir, driver.open_context(run_dir, runs.load(run_dir)).study
+    return run_dir, long_stage.open_context(run_dir, runs.load(run_dir)).study
 
 
 @pytest.mark.filterwarnings("ignore:vLLM ignore")

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import driver, report, runs
+from search import long_stage, report, runs
 from search.slots import SLOT, slot_of
 from search.pruning import PruningSettings, make_pruner
 from tests.search_helpers import completed_in, history_of, launch, write_config
@@ -37,7 +37,7 @@ def pruned_run(tmp_path_factory):
 
 
 def settled_trials(run_dir):
-    ctx = driver.open_context(run_dir, runs.load(run_dir))
+    ctx = long_stage.open_context(run_dir, runs.load(run_dir))
     return ctx, ctx.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 

@@ -77,3 +77,26 @@ def test_optuna_samplers_search_the_same_space(tmp_path, sampler):
     best = RopeCandidate.load(run_dir / "best_factors.json")
     assert list(best.long_factors) == sorted(best.long_factors)  # every proposal repaired into the space
     assert best.params["needle_ppl"] == min(r["value"] for r in rows if "pruned_at" not in r)
+
+
+def test_a_stop_by_the_clock_is_said_and_a_resume_finishes_the_run(tmp_path, capsys, reference_history):
+    """budget.minutes stops a call, not the run: the last line and `status` say so, nothing is reported as
+    finished, and `resume` (here after raising the minutes) completes the generations with the history of
+    a run that was never stopped."""
+    from search.cli import main
+
+    path = write_config(tmp_path, **{"budget.minutes": 0.04})
+    assert main(["search", str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("stopped by its time budget (0.04 minutes a call) after") and str(run_dir) in last
+    assert not (run_dir / "report.json").exists() and len(history_of(run_dir)) < 20
+    assert "stopped by its time budget" in runs.status(run_dir)
+    config = (run_dir / "config.yaml").read_text().replace("minutes: 0.04", "minutes: 30.0")
+    (run_dir / "config.yaml").write_text(config)
+    assert main(["resume", str(run_dir)]) == 0
+    assert "held-out needle set" in capsys.readouterr().out and (run_dir / "report.json").exists()
+    history, best = reference_history
+    assert history_of(run_dir) == history
+    assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
+    assert "stopped by" not in runs.status(run_dir)

@@ -12,33 +12,60 @@ from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
 from search import cli, runs, short_stage
+from search.guard import violation
+from search.slots import slot_of
 from search.space import ShortSpace, ShortSpaceSettings
-from tests.search_helpers import write_config
+from tests.search_helpers import history, launch, write_config
 
-SHORT = {"windows": 2, "evaluations": 10, "report_windows": 4, "seeds": [0.0, 0.25, 0.5]}
+# the text the bundled model knows (its training text, pydoc; on English it scores noise), 3 seeds + 2 CMA-ES
+# generations of 4, in-window needles of 2 documents per length as the guard
+SHORT = {"windows": 2, "evaluations": 11, "population": 4, "report_windows": 4, "report_documents": 4,
+         "seeds": [0.0, 0.25, 0.5], "text": ["pydoc"], "needles": {"documents": 2}}
 
 
-def given_long(tiny, path) -> RopeCandidate:
+def given_long(tiny, path, method: str = "yarn") -> RopeCandidate:
     """YaRN at 4x with a sharper attention factor than its own: the cost short factors have to win back."""
     model, _ = tiny
-    long = baseline("yarn", geometry_from_config(model.config), 1024)
+    long = baseline(method, geometry_from_config(model.config), 1024)
     long = long.model_copy(update={"attention_factor": 1.2, "short_factors": None, "params": {"needle_ppl": 1.0}})
     long.save(path)
     return long
+
+
+def short_config(tmp, long_path, **short) -> "runs.SearchConfig":
+    path = write_config(tmp, long_factors=str(long_path), short_search={**SHORT, **short})
+    data = yaml.safe_load(path.read_text())
+    del data["scale"]  # the target comes from the given factors
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture(scope="module")
 def short_run(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("short")
     long = given_long(tiny, tmp / "long.json")
-    path = write_config(tmp, long_factors=str(tmp / "long.json"), short_search=SHORT)
-    data = yaml.safe_load(path.read_text())
-    del data["scale"]  # the target comes from the given factors
-    path.write_text(yaml.safe_dump(data))
-    config = runs.load_search_config(path)
+    config = runs.load_search_config(short_config(tmp, tmp / "long.json"))
     run_dir = runs.create(config, tmp / "runs")
     summary = runs.run(run_dir, stop_after=4, quiet=True)  # stopped as a crash would stop it
     return long, config, run_dir, summary
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """The same stage run once, start to end, with Ray: what every interrupted run must reproduce."""
+    tmp = tmp_path_factory.mktemp("short-reference")
+    given_long(tiny, tmp / "long.json")
+    path = short_config(tmp, tmp / "long.json")
+    config = runs.load_search_config(path)
+    config = config.model_copy(update={"workers": config.workers.model_copy(update={"backend": "ray"})})
+    run_dir = runs.create(config, tmp / "runs")
+    runs.run(run_dir, quiet=True)
+    return short_history(run_dir), run_dir
+
+
+def short_history(run_dir) -> list[dict]:
+    config = runs.load(run_dir)
+    return history(short_stage.open_context(run_dir, config, read_only=True).study)
 
 
 def test_inputs_beyond_the_window_never_use_short_factors(tiny):
@@ -78,7 +105,7 @@ def test_space_seeds_and_monotone_repair(tiny):
     assert point.factors(long=False)[:2] == (3.0, 0.5)
 
 
-def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run):
+def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run, uninterrupted):
     long, config, run_dir, summary = short_run
     assert summary["short"]["evaluated"] == 4 and "report" not in summary["short"]
     assert (run_dir / short_stage.BEST_FILE).exists()  # kept while it ran
@@ -86,18 +113,22 @@ def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run):
     ctx = short_stage.open_context(run_dir, config, read_only=True)
     trials = ctx.study.get_trials(states=(TrialState.COMPLETE,))
     assert resumed["short"]["evaluated"] == SHORT["evaluations"] - 4 and len(trials) == SHORT["evaluations"]
-    seeds = [t for t in trials if t.system_attrs.get("fixed_params")]
-    assert len(seeds) == len(SHORT["seeds"])  # enqueued once, not again by the resume
+    seeds = [t for t in trials if slot_of(t)[0] == 0]
+    assert len(seeds) == len(SHORT["seeds"])  # generation 0 once, not again by the resume
     best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
     assert best.long_factors == long.long_factors and best.attention_factor == long.attention_factor
-    assert best.params["text_ppl"] == min(t.value for t in trials)
+    assert best.params["text_ppl"] == min(t.value for t in trials if violation(t) == 0)
+    assert short_history(run_dir) == uninterrupted[0]  # stopped, resumed, in-process: Ray's history exactly
     assert all("text_ppl" in row for row in ctx.study.user_attrs["baselines"].values())
     assert ctx.study.metric_names == ["text_ppl"]
     report = json.loads((run_dir / "short_report.json").read_text())
-    ones, searched = report["methods"]["ones"], report["methods"]["searched"]
+    assert list(report["methods"]) == ["ones", "long^0.25", "long^0.5", "searched"]
+    assert list(report["general_english"]) == list(report["methods"])  # beside the text the model knows
     for length in ("64", "256"):  # on text the search never read
-        assert searched[length]["cost"] < ones[length]["cost"]
-        assert ones[length]["cost"] > 0.01  # the attention factor's cost is there to win back
+        assert report["methods"]["ones"][length]["cost"] > 0.01  # the attention factor's cost is there to win back
+    needles = report["window_needles"]["methods"]
+    assert list(needles) == ["none (the model's own)", *report["methods"]]
+    assert all(set(rows) == {"128", "256"} for rows in needles.values())
 
 
 def test_a_run_folder_exports_its_short_factors(short_run, tmp_path):
@@ -204,18 +235,144 @@ def test_worst_ratio_tells_the_worst_lengths_ratio_to_the_models_own(tiny):
 
 def test_a_worst_ratio_stage_stores_its_own_key(tiny, tmp_path):
     given_long(tiny, tmp_path / "long.json")
-    short = {**SHORT, "evaluations": 4, "lengths": [64, 256], "windows": [2, 1], "objective": "worst_ratio"}
-    path = write_config(tmp_path, long_factors=str(tmp_path / "long.json"), short_search=short)
-    data = yaml.safe_load(path.read_text())
-    del data["scale"]
-    path.write_text(yaml.safe_dump(data))
+    path = short_config(tmp_path, tmp_path / "long.json", evaluations=4, lengths=[64, 256], windows=[2, 1],
+                        objective="worst_ratio", text=["kjv"])
     config = runs.load_search_config(path)
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)
     ctx = short_stage.open_context(run_dir, config, read_only=True)
     assert ctx.study.metric_names == ["text_ppl_ratio"]
     best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
-    assert best.params["text_ppl_ratio"] == min(t.value for t in ctx.study.get_trials(states=(TrialState.COMPLETE,)))
+    feasible = [t.value for t in ctx.study.get_trials(states=(TrialState.COMPLETE,)) if violation(t) == 0]
+    assert best.params["text_ppl_ratio"] == min(feasible)
     assert all(row["text_ppl_ratio"] >= 1 + row["short_cost"] - 1e-9 for row in ctx.study.user_attrs["baselines"].values())
     report = json.loads((run_dir / "short_report.json").read_text())
     assert report["search_text"]["objective"] == "text_ppl_ratio"
+
+
+def test_the_trials_are_cma_es_own_by_generation(uninterrupted):
+    """Generation 0 is the seeds; generation g is CMA-ES's population from the best seed, told the ranks of
+    generation g-1 (replayed here with cmaes itself). Every trial is asked before any of its generation is
+    told, and none falls back to independent sampling."""
+    import numpy as np
+    from cmaes import CMA
+
+    rows, run_dir = uninterrupted
+    config = runs.load(run_dir)
+    ctx = short_stage.open_context(run_dir, config, read_only=True)
+    space, names = ctx.space, list(ctx.space.distributions())
+    by_generation: dict[int, list] = {}
+    for row in rows:
+        by_generation.setdefault(row["slot"][0], []).append(row)
+    assert [len(by_generation[g]) for g in sorted(by_generation)] == [3, 4, 4]
+    seeds = by_generation[0]
+    assert [r["params"] for r in seeds] == [space.encode(c) for c in ctx.seeds.values()]
+    trials = {slot_of(t): t for t in ctx.study.get_trials(states=(TrialState.COMPLETE,))}
+    ranked = lambda g: sorted(range(len(by_generation[g])), key=lambda i: (violation(trials[(g, i)]), trials[(g, i)].value, i))  # noqa: E731
+    best_seed = seeds[ranked(0)[0]]["params"]
+    cma = CMA(mean=np.array([best_seed[n] for n in names]), sigma=SHORT.get("sigma", 0.1),
+              bounds=np.array([[space.low, space.high]] * len(names)), seed=config.short_search.seed, population_size=4)
+    for generation in (1, 2):  # each generation's random numbers from (seed, generation)
+        cma.reseed_rng(np.random.SeedSequence([config.short_search.seed, generation]).generate_state(1)[0])
+        asked = [cma.ask() for _ in range(4)]
+        assert [r["params"] for r in by_generation[generation]] == [space.repair(dict(zip(names, map(float, x))))
+                                                                      for x in asked]
+        order = ranked(generation)
+        cma.tell([(x, float(order.index(i))) for i, x in enumerate(asked)])
+    assert all("fixed_params" not in t.system_attrs for t in trials.values())  # nothing enqueued, nothing random
+
+
+def test_the_searched_short_factors_beat_the_best_seed_and_follow_the_long_ones(tiny, tmp_path, uninterrupted):
+    """On the stage's own search text the searched vector is better than every seed; other long factors
+    (critical-dim NTK instead of YaRN) end with other short factors, never a shared random draw."""
+    rows, run_dir = uninterrupted
+    study = short_stage.open_context(run_dir, runs.load(run_dir), read_only=True).study
+    seeds = study.user_attrs["baselines"]
+    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    assert best.params["constraint_violation"] == 0
+    assert best.params["text_ppl"] < min(row["text_ppl"] for row in seeds.values())
+    given_long(tiny, tmp_path / "long.json", method="critical_ntk")
+    config = runs.load_search_config(short_config(tmp_path, tmp_path / "long.json", evaluations=7))
+    other = runs.create(config, tmp_path / "runs")
+    runs.run(other, quiet=True)
+    assert RopeCandidate.load(other / short_stage.BEST_FILE).short_factors != best.short_factors
+
+
+@pytest.mark.slow
+def test_a_short_stage_killed_then_resumed_reproduces_its_history(tiny, tmp_path, uninterrupted):
+    """SIGKILL in the middle of the second generation's evaluations, then resume: the uninterrupted history."""
+    from tests.test_faults import finish
+
+    given_long(tiny, tmp_path / "long.json")
+    run_dir = runs.create(runs.load_search_config(short_config(tmp_path, tmp_path / "long.json")), tmp_path / "runs")
+    crashed = launch(["fitness.general_text:candidate_window_nll", "14", "--", "resume", str(run_dir)],
+                     module="tests.die_at")
+    assert crashed.wait(timeout=600) == -9, crashed.stderr.read().decode()[-2000:]
+    assert 0 < len(short_history(run_dir)) < SHORT["evaluations"]
+    finish(run_dir)
+    assert short_history(run_dir) == uninterrupted[0]
+
+
+def test_in_window_needles_keep_a_candidate_that_buys_text_with_needles_from_winning(tiny, tmp_path):
+    """The guard's violation is the worst (length, format) group's excess over ones, computed here
+    independently; a stage on general English, which the bundled model scores as noise, finds candidates
+    with better text and worse needles, and none of them wins."""
+    from fitness.models import ModelSettings
+    from search.guard import WindowNeedleSettings
+    from search.workers import Batch, TextSetup, TextWorker
+
+    model, tokenizer = tiny
+    long = given_long(tiny, tmp_path / "long.json").model_copy(update={"params": {}})
+    odd = long.model_copy(update={"short_factors": tuple(1 + 3 * (i / 31) ** 0.5 for i in range(32))})
+    needles = NeedleSettings(documents=4, seed=500)
+    guard = WindowNeedleSettings(documents=4, max_ppl_increase=0.01)
+    setup = TextSetup(ModelSettings(name="tiny", device="cpu"), (64,), (1,), text=("pydoc",), needles=needles,
+                      needle_lengths=(128, 256), reference=long, guard=guard)
+    [ones, scored] = TextWorker(setup).score(Batch((long, odd)))
+    excess = []
+    for length in (128, 256):
+        documents = build_needle_set(tokenizer, needles, length)
+        ref, mine = score_candidates(model, documents, [long, odd])
+        excess += [mine.fitness / ref.fitness - 1 - 0.01, ref.retrieval - mine.retrieval]
+    assert scored.window_violation == pytest.approx(max(excess), rel=1e-6, abs=1e-9)
+    assert ones.window_violation == 0.0  # the reference itself: on the boundary of retrieval, inside on PPL
+
+    path = short_config(tmp_path, tmp_path / "long.json", text=["kjv"], needles={"documents": 4})
+    config = runs.load_search_config(path)
+    run_dir = runs.create(config, tmp_path / "runs")
+    runs.run(run_dir, quiet=True)
+    trials = short_stage.open_context(run_dir, config, read_only=True).study.get_trials(states=(TrialState.COMPLETE,))
+    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    assert any(violation(t) > 0 and t.value < best.params["text_ppl"] for t in trials)  # the guard decided
+    assert best.params["constraint_violation"] == 0
+    report = json.loads((run_dir / "short_report.json").read_text())["window_needles"]["methods"]
+    for length in ("128", "256"):  # the held-out needles (another haystack and seed) agree
+        assert report["searched"][length]["retrieval"] >= report["ones"][length]["retrieval"]
+
+
+@pytest.mark.parametrize(
+    "short, message",
+    [
+        ({"seeds": [0.0, 0.5], "space": {"low": 2.0}}, "p = 0 (ones) lies below short_search.space.low"),
+        ({"seeds": [0.5, 1.0], "space": {"high": 1.5}}, "long^1 of the given long factors: outside"),
+        ({"needles": {"lengths": [32]}}, "short_search.needles"),
+        ({"text": ["nonesuch"]}, "unknown text sources"),
+        ({"evaluations": 10**12}, "short_search.evaluations"),
+    ],
+)
+def test_seeds_and_needles_the_space_cannot_hold_exit_2(tiny, tmp_path, capsys, short, message):
+    given_long(tiny, tmp_path / "long.json")
+    path = short_config(tmp_path, tmp_path / "long.json", **short)
+    assert cli.main(["search", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_seed_the_space_clamps_is_named_for_what_it_is(tiny, tmp_path):
+    """In a run whose long factors come from its own long stage, a seed outside [low, high] cannot be
+    refused before the run began: it is clamped, and its name says so (no row called ones holds 2.0)."""
+    long = given_long(tiny, tmp_path / "long.json")
+    settings = short_stage.ShortSearchSettings(seeds=[0.0, 1.0], space={"low": 1.0, "high": 1.5})
+    names = list(short_stage.seed_candidates(long, settings))
+    assert names[0] == "ones" and names[1] == "long^1 (clamped to [1, 1.5])"

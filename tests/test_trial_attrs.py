@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from fitness.needles import build_needle_set
-from search import driver, runs
+from search import long_stage, runs
 from search.slots import slot_of
 from tests.search_helpers import write_config
 
@@ -25,7 +25,7 @@ def test_each_trial_carries_what_the_dashboard_shows(tiny, tmp_path, sampler):
     config = runs.load_search_config(write_config(tmp_path, **changes))
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)
-    ctx = driver.open_context(run_dir, runs.load(run_dir))
+    ctx = long_stage.open_context(run_dir, runs.load(run_dir))
     assert ctx.study.metric_names == ["needle_ppl"]  # the dashboard's label for the told value
     trials = ctx.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     states = {t.state for t in trials}
