@@ -5,8 +5,8 @@ once, and read as one long cycle."""
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 import re
 from collections.abc import Iterable
 from html.parser import HTMLParser
