@@ -201,6 +201,18 @@ def test_generation_stops_at_the_budget_or_once_every_row_has_ended(tiny):
     assert tokenizer.eos_token_id in stop_ids(model, tokenizer)
 
 
+def test_each_method_is_built_for_the_length_it_runs_at(tiny):
+    """As the needle table does: a baseline is rebuilt for each length (YaRN at 2x uses s = 2)."""
+    from fitness.evaluation import baseline_method
+    from fitness.geometry import geometry_from_config
+
+    model, tokenizer = tiny
+    yarn, asked = baseline_method("yarn", geometry_from_config(model.config)), []
+    suite = build_suite(tokenizer, RulerSettings(tasks=["niah_single_1"], samples=1, max_new_tokens=2), [256, 512])
+    evaluate_ruler(model, tokenizer, suite, {"yarn": lambda n: asked.append(n) or yarn(n)}, 1, False)
+    assert asked == [256, 512]
+
+
 def test_the_suite_runs_in_bfloat16(tmp_path):
     """The dtype the GPU runs use: the same code path, in bf16 on the CPU."""
     from fitness.models import ModelSettings, load_model
