@@ -167,11 +167,16 @@ def test_the_bundled_model_finds_the_needle_at_its_window_and_scores_zero_withou
     assert dropped.scores["none"][256] == {"niah_single_1": 0, "niah_single_2": 0, "average": 0}
 
 
-def test_cached_decoding_matches_recomputing_every_step_with_the_long_factors_kept(tiny):
+@pytest.mark.parametrize("old_name", [False, True], ids=["its own cache name", "past_key_values"])
+def test_cached_decoding_matches_recomputing_every_step_with_the_long_factors_kept(tiny, monkeypatch, old_name):
     """Under factors whose short and long vectors differ, at 4x the window: the cache's positions keep
-    each new token on the long factors, as a full forward over the whole sequence does."""
+    each new token on the long factors, as a full forward over the whole sequence does. Also under the
+    old name of the cache argument, the only one transformers before 5.25 knows (5.25 still takes it)."""
     from fitness.patch import apply_candidates
+    from fitness.ruler import suite
 
+    if old_name:
+        monkeypatch.setattr(suite, "cache_keyword", lambda model: "past_key_values")
     model, tokenizer = tiny
     candidate = RopeCandidate.load(SHORT_AND_LONG)
     assert candidate.short_factors != candidate.long_factors
