@@ -156,10 +156,10 @@ def merge_ruler(first: RulerResults | None, second: RulerResults | None) -> Rule
 
 def ruler_description(settings: RulerSettings) -> dict:
     """What eval.json says about the suite: its settings, and each task's metric and answer budget."""
-    tasks = {
-        name: {"metric": task.metric, "category": task.category, "max_new_tokens": settings.answer_budget(name)}
-        for name, task in ((name, RULER_TASKS[name]) for name in settings.tasks)
-    }
+    tasks = {}
+    for name in settings.tasks:
+        task = RULER_TASKS[name]
+        tasks[name] = {"metric": task.metric, "category": task.category, "max_new_tokens": settings.answer_budget(name)}
     return {**settings.model_dump(), "tasks": tasks}
 
 
