@@ -5,8 +5,10 @@ once, and read as one long cycle."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+from collections.abc import Iterable
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -164,10 +166,16 @@ class Haystack:
 
     def take(self, start: int, budget: int) -> list[list[int]]:
         """Whole sentences from `start` on (cycling) until `budget` tokens; the last one cut to fit."""
-        taken, total, i = [], 0, start
-        while total < budget:
-            piece = self.pieces[i % len(self.pieces)]
-            taken.append(piece[: budget - total])
-            total += len(taken[-1])
-            i += 1
-        return taken
+        return fill(itertools.islice(itertools.cycle(self.pieces), start % len(self.pieces), None), budget)
+
+
+def fill(pieces: Iterable[list[int]], budget: int) -> list[list[int]]:
+    """Token pieces in order until exactly `budget` tokens, the last one cut to fit: how every
+    token-exact document fills the room its fixed parts leave."""
+    taken, total = [], 0
+    for piece in pieces:
+        if total >= budget:
+            break
+        taken.append(piece[: budget - total])
+        total += len(taken[-1])
+    return taken

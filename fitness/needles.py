@@ -192,6 +192,19 @@ def document_plan(settings: NeedleSettings, documents: int) -> list[tuple[str, i
     return [(name, rng.choice(settings.wording_indices(name))) for name in order[:documents]]
 
 
+def insert_at_depths(pieces: list[list[int]], inserts: list[list[int]], depths: list[float]) -> None:
+    """Put `inserts[n]` between whole pieces, at the piece boundary nearest `depths[n]` of the pieces'
+    tokens, so that no sentence is split by a needle."""
+    budget = sum(map(len, pieces))
+    boundaries = [0]
+    for piece in pieces:
+        boundaries.append(boundaries[-1] + len(piece))
+    # insert deepest first so earlier insertion points keep their piece index
+    nearest = [min(range(len(pieces) + 1), key=lambda b: abs(boundaries[b] - d * budget)) for d in depths]
+    for slot, n in sorted(zip(nearest, range(len(depths))), reverse=True):
+        pieces.insert(slot, inserts[n])
+
+
 def build_document(
     tokenizer,
     haystack: Haystack,
@@ -225,14 +238,7 @@ def build_document(
             f"length {length} is too short: the needle(s), question and answer alone take {length - budget} tokens"
         )
     pieces = haystack.take(rng.randrange(len(haystack.pieces)), budget)
-    boundaries = [0]
-    for piece in pieces:
-        boundaries.append(boundaries[-1] + len(piece))
-    # insert deepest first so earlier insertion points keep their piece index
-    slots = sorted(((min(range(len(pieces) + 1), key=lambda b: abs(boundaries[b] - d * budget)), n)
-                    for n, d in enumerate(depths)), reverse=True)  # fmt: skip
-    for slot, n in slots:
-        pieces.insert(slot, needles[n])
+    insert_at_depths(pieces, needles, depths)
     ids = prefix + [t for piece in pieces for t in piece] + tail
     answer_positions = [len(ids) - len(tail) + i for i in answer_in_tail]
     assert len(ids) == length, (len(ids), length)

@@ -81,8 +81,8 @@ def _eval(args) -> int:
     config, candidates = load_eval_config(Path(args.config))
     out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     payload = run_eval(config, candidates, out)
-    print(format_table(payload["results"], payload.get("short_text")))
-    print(f"written: {out / 'eval.json'}, {out / 'eval.png'}")
+    print(format_table(payload["results"], payload.get("short_text"), payload.get("ruler")))
+    print(f"written: {out / 'eval.json'}, {out / 'eval.png'}" + (f", {out / 'ruler.png'}" if "ruler" in payload else ""))
     return 0
 
 
@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="needle PPL and retrieval vs length for baselines and factor files",
                             description="Evaluate RoPE methods (none, PI, NTK, dynamic NTK, YaRN, critical-dim "
-                            "NTK) and factor files at multiples of the model's window: table, JSON and PNG.")  # fmt: skip
+                            "NTK), factor files and model directories (`models:`, e.g. fine-tunes) at multiples of "
+                            "the model's window: table, JSON and PNG; with a `ruler:` section, also a RULER-style "
+                            "suite scored on what each one generates.")  # fmt: skip
     p.add_argument("config", help="eval config YAML (e.g. configs/eval-tiny.yaml)")
     p.add_argument("--runs-dir", default="runs", help="parent of the output folder (default: runs)")
     p.add_argument("--out", help="output folder (default: RUNS_DIR/<name>-<time>)")

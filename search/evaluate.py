@@ -9,13 +9,16 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.config_io import load_yaml, read_yaml
-from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, short_text_costs
-from fitness.general_text import general_windows
+from fitness.errors import RopeSearchError
+from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, per_format, short_text_costs
+from fitness.general_text import general_windows, perplexity
 from fitness.factors import BASELINES, RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
-from fitness.models import ModelSettings, load_config, load_model, machine_name
-from fitness.needles import NeedleSettings, haystack_texts
-from search.report import format_table_by_format, plot_lengths, short_text_table
+from fitness.models import ModelSettings, load_config, load_model, load_tokenizer, machine_name
+from fitness.needles import NeedleSettings, build_needle_set, haystack_texts, tokenizer_fingerprint
+from fitness.ruler import RULER_TASKS, RulerResults, RulerSettings, build_suite, evaluate_ruler
+from fitness.scoring import score_model
+from search.report import format_table_by_format, plot_lengths, plot_ruler, ruler_tables, short_text_table
 
 
 class EvalConfig(BaseModel):
@@ -33,6 +36,10 @@ class EvalConfig(BaseModel):
     # length: what the extension costs short prompts. None: a quarter of the window and the window.
     short_lengths: list[int] | None = Field(default=None, min_length=1)
     short_windows: int = Field(default=8, ge=0, le=4096)  # 0: no short-text evaluation
+    # label: a model directory (a fine-tune's `model/`, an export), run as transformers loads it: its own
+    # config.json's RoPE, no candidate applied; a row of every table beside the methods
+    models: dict[str, str] = Field(default_factory=dict)
+    ruler: RulerSettings | None = None  # the RULER-style suite, scored on what each method generates
 
     @model_validator(mode="after")
     def _known(self) -> "EvalConfig":
@@ -43,8 +50,16 @@ class EvalConfig(BaseModel):
             raise ValueError("multiples must be positive")
         return self
 
+    @model_validator(mode="after")
+    def _one_row_per_label(self) -> "EvalConfig":
+        labels = [*self.methods, *self.factors, *self.models]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"{repeated}: a label names one row; methods, factors and models share the table")
+        return self
 
-def format_table(results: dict, short_text: dict | None = None) -> str:
+
+def format_table(results: dict, short_text: dict | None = None, ruler: dict | None = None) -> str:
     lengths = sorted({int(n) for rows in results.values() for n in rows})
     head = f"{'method':<16}" + "".join(f"{n:>16}" for n in lengths)
     lines = ["needle PPL (retrieval) by length", head]
@@ -58,6 +73,8 @@ def format_table(results: dict, short_text: dict | None = None) -> str:
     if short_text:
         title = f"general-text PPL inside the window (cost vs no scaling), each method as deployed for {lengths[-1]} tokens"
         lines += short_text_table(short_text, title)
+    if ruler:
+        lines += ruler_tables(ruler)
     return "\n".join(lines)
 
 
@@ -77,7 +94,73 @@ def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandi
         check_geometry(candidates[label], geometry, source=path)
     check_limits(config.model_dump(), source)
     check_model(config.model, source)
+    check_models_and_ruler(config, geometry.original_window, source)
     return config, candidates
+
+
+def ruler_lengths(config: EvalConfig, original_window: int) -> list[int]:
+    return [int(round(original_window * m)) for m in config.ruler.multiples or config.multiples]
+
+
+def check_models_and_ruler(config: EvalConfig, original_window: int, source: str) -> None:
+    """Each model directory is a model whose tokenizer is the base model's (every row reads the same
+    documents, built once), the RULER haystack reads, and every RULER task fits at its shortest length."""
+    from fitness.config_checks import check_haystacks, check_model, naming
+
+    tokenizer = load_tokenizer(config.model.name)
+    for label, path in config.models.items():
+        try:
+            check_model(ModelSettings(name=path), source, key=f"models.{label}")
+        except RopeSearchError as err:  # check_model names a model section's `name`; here the path is the value
+            raise RopeSearchError(str(err).replace(f"models.{label}.name:", f"models.{label}:", 1)) from None
+        if tokenizer_fingerprint(load_tokenizer(path)) != tokenizer_fingerprint(tokenizer):
+            raise RopeSearchError(
+                f"{source}: models.{label}: {path} has another tokenizer than {config.model.name}; "
+                "every row reads the same documents"
+            )
+    if config.ruler is not None:
+        check_haystacks(config.ruler.haystack, source, "ruler.haystack")
+        shortest = min(ruler_lengths(config, original_window))
+        with naming(source, "ruler"):
+            build_suite(tokenizer, config.ruler.model_copy(update={"samples": 1}), [shortest])
+
+
+def evaluate_models(config: EvalConfig, base_model, tokenizer, lengths: list[int], windows: dict, suite) -> dict:
+    """Each model directory loaded alone, as transformers runs it: {"results": needle rows, "short_text":
+    rows (cost against the base model's own perplexity), "ruler": RulerResults or None}."""
+    rows: dict = {"results": {}, "short_text": {}, "ruler": None}
+    own = {n: perplexity(base_model, ids) for n, ids in windows.items()}
+    for label, path in config.models.items():
+        model, _ = load_model(config.model.model_copy(update={"name": path}))
+        rows["results"][label] = {}
+        for length in lengths:
+            needles = build_needle_set(tokenizer, config.needles, length)
+            score = score_model(model, needles, config.documents_per_forward)
+            row = {"needle_ppl": score.fitness, "retrieval": score.retrieval, "formats": per_format(needles, score)}
+            rows["results"][label][length] = row
+        if windows:
+            ppl = {n: perplexity(model, ids) for n, ids in windows.items()}
+            rows["short_text"][label] = {str(n): {"ppl": ppl[n], "cost": ppl[n] / own[n] - 1} for n in windows}
+        if suite:
+            found = evaluate_ruler(model, tokenizer, suite, {label: None}, config.ruler.samples_per_forward)
+            rows["ruler"] = merge_ruler(rows["ruler"], found)
+        del model
+    return rows
+
+
+def merge_ruler(first: RulerResults | None, second: RulerResults | None) -> RulerResults | None:
+    if first is None or second is None:
+        return first or second
+    return RulerResults({**first.scores, **second.scores}, {**first.examples, **second.examples})
+
+
+def ruler_description(settings: RulerSettings) -> dict:
+    """What eval.json says about the suite: its settings, and each task's metric and answer budget."""
+    tasks = {}
+    for name in settings.tasks:
+        task = RULER_TASKS[name]
+        tasks[name] = {"metric": task.metric, "category": task.category, "max_new_tokens": settings.answer_budget(name)}
+    return {**settings.model_dump(), "tasks": tasks}
 
 
 def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: Path) -> dict:
@@ -86,16 +169,24 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
     methods = {name: baseline_method(name, geometry) for name in config.methods}
     methods.update({label: fixed_method(c) for label, c in candidates.items()})
     lengths = [int(round(geometry.original_window * m)) for m in config.multiples]
+    ruler_at = ruler_lengths(config, geometry.original_window) if config.ruler else []
+    suite = build_suite(tokenizer, config.ruler, ruler_at) if config.ruler else None  # bad lengths fail before any work
     started = time.time()
     results = evaluate_methods(
         model, tokenizer, config.needles, lengths, methods, config.documents_per_forward, config.candidates_per_forward
     )
-    short_text = None
+    short_text, windows = None, {}
     if config.short_windows:
         window = geometry.original_window
         windows = {n: general_windows(tokenizer, n, config.short_windows)
                    for n in config.short_lengths or [window // 4, window]}  # fmt: skip
         short_text = short_text_costs(model, methods, max(lengths), windows, config.candidates_per_forward)
+    ruler = evaluate_ruler(model, tokenizer, suite, methods, config.ruler.samples_per_forward) if suite else None
+    if config.models:
+        rows = evaluate_models(config, model, tokenizer, lengths, windows, suite)
+        results.update(rows["results"])
+        short_text = {**short_text, **rows["short_text"]} if short_text else None
+        ruler = merge_ruler(ruler, rows["ruler"])
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": config.model.name,
@@ -106,7 +197,13 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
         "seconds": time.time() - started,
         "results": results,
         "short_text": short_text,
+        "models": config.models,
     }
+    if ruler:
+        payload.update(ruler=ruler.scores, ruler_settings=ruler_description(config.ruler))
+        payload["ruler_examples"] = ruler.examples
     (out_dir / "eval.json").write_text(json.dumps(payload, indent=2))
     plot_lengths(results, geometry.original_window, out_dir / "eval.png")
+    if ruler:
+        plot_ruler(ruler.scores, geometry.original_window, out_dir / "ruler.png")
     return payload

@@ -286,3 +286,62 @@ def plot_lengths(results: dict, original_window: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+
+def _by_length(ruler: dict) -> dict[str, dict[int, dict]]:
+    """{method: {length: row}} with int lengths, whether the rows come from a run (ints) or eval.json (strings)."""
+    return {name: {int(n): row for n, row in rows.items()} for name, rows in ruler.items()}
+
+
+def ruler_tables(ruler: dict) -> list[str]:
+    """RULER as the paper prints it: the average (percent) by method and length, then per task at each
+    length."""
+    ruler = _by_length(ruler)
+    lengths = sorted({n for rows in ruler.values() for n in rows})
+    width = max(16, *(len(name) + 2 for name in ruler))
+    lines = ["RULER average (%) by length", f"{'method':<{width}}" + "".join(f"{n:>10}" for n in lengths)]
+    for name, rows in ruler.items():
+        cells = [f"{rows[n]['average']:>10.1f}" if n in rows else f"{'-':>10}" for n in lengths]
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    for n in lengths:
+        rows = {name: by_length[n] for name, by_length in ruler.items() if n in by_length}
+        tasks = [task for task in next(iter(rows.values())) if task != "average"]
+        column = max(8, *(len(task) + 1 for task in tasks))
+        lines.append(f"RULER by task at {n} tokens (%)")
+        lines.append(f"{'method':<{width}}" + "".join(f"{task:>{column}}" for task in tasks))
+        for name, row in rows.items():
+            lines.append(f"{name:<{width}}" + "".join(f"{row[task]:>{column}.1f}" for task in tasks))
+    return lines
+
+
+def plot_ruler(ruler: dict, original_window: int, path: Path) -> None:
+    """RULER average against length, one line per method, and each task's score at the longest length."""
+    plt = _matplotlib()
+    if plt is None:
+        return
+    ruler = _by_length(ruler)
+    longest = max(n for rows in ruler.values() for n in rows)
+    at_longest = {name: rows[longest] for name, rows in ruler.items() if longest in rows}
+    tasks = [task for task in next(iter(at_longest.values())) if task != "average"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    for name, rows in ruler.items():
+        left.plot(sorted(rows), [rows[n]["average"] for n in sorted(rows)], marker="o", label=name)
+    left.set_xscale("log", base=2)
+    left.axvline(original_window, color="gray", ls=":", lw=1)
+    left.set_xlabel("tokens")
+    left.set_ylabel("RULER average (%)")
+    left.set_ylim(-2, 102)
+    left.legend(fontsize=8)
+    grid = [[row[task] for task in tasks] for row in at_longest.values()]
+    right.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    right.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+    right.set_yticks(range(len(at_longest)), list(at_longest), fontsize=8)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            color = "white" if value < 60 else "black"
+            right.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color=color)
+    right.set_title(f"by task at {longest} tokens (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -23,6 +23,9 @@
 #                              (configs/eval-smollm2.yaml, or CONFIG)
 #   session.sh throughput [N]  the search loop against in-process scoring at 32k (N evaluations, 24);
 #                              its JSON is rewritten after each mode, so a call cut short keeps what ran
+#   session.sh ruler-train searched|yarn   the 32k fine-tune (configs/train-smollm2-32k.yaml) with its own
+#                              searched factors, or the same with YaRN's (configs/factors/smollm2-yarn-32k.json)
+#   session.sh ruler [CONFIG]  the RULER-style suite with both fine-tunes (configs/eval-smollm2-ruler.yaml)
 # Results go to $OUT/<card>/ (they come back to benchmarks/results/<card>/).
 set -euo pipefail
 step=${1:?step}
@@ -109,6 +112,21 @@ case "$step" in
   throughput)
     $py benchmarks/search_throughput.py configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
         --out "$OUT/$card/search-throughput-32k.json" ;;
+  ruler-train)
+    kind=${2:?searched or yarn} out=/tmp/gpu/ruler-ft-$2
+    [ "$kind" = yarn ] && factors=configs/factors/smollm2-yarn-32k.json \
+      || factors=$(sed -n "s/^factors: \([^ ]*\).*/\1/p" configs/train-smollm2-32k.yaml)
+    sed -e "s#^name: .*#name: smollm2-mixed-32k-$kind#" -e "s#^factors: .*#factors: $factors#" \
+        configs/train-smollm2-32k.yaml > /tmp/gpu/ruler-ft-$kind.yaml
+    grep -E "^(name|factors)" /tmp/gpu/ruler-ft-$kind.yaml
+    $py -m search.cli train /tmp/gpu/ruler-ft-$kind.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -20
+    cp "$out/evaluation.json" "$OUT/$card/smollm2-mixed-32k-$kind-evaluation.json" ;;
+  ruler)
+    config=${2:-configs/eval-smollm2-ruler.yaml}
+    name=$(basename "$config" .yaml)
+    $py -m search.cli eval "$config" --out /tmp/gpu/$name 2>&1 | tr '\r' '\n' | grep -v "^eval: \|^ruler: " | tail -60
+    cp /tmp/gpu/$name/eval.json "$OUT/$card/$name.json"
+    cp /tmp/gpu/$name/ruler.png "$OUT/$card/$name.png" ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac
