@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ropesearch: failed: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ropesearch: interrupted; `ropesearch resume RUN_DIR` continues a search", file=sys.stderr)
+        run_dir = getattr(args, "run_dir", None)
+        after = f"; `ropesearch resume {run_dir}` continues it" if run_dir and args.command in ("search", "resume") else ""
+        print(f"ropesearch: interrupted{after}", file=sys.stderr)
         return 130
 
 

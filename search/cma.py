@@ -26,6 +26,7 @@ from cmaes import CMA
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from search import trial_keys as keys
 from search.guard import rank
 from search.slots import NO_SLOT, GenerationSlots, slot_of
 from search.space import ShortSpace
@@ -62,10 +63,10 @@ class GenerationalCmaEs(BaseSampler):
         return self.space.distributions()
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
-        self._assigned[trial._trial_id] = self.slots.assign(study, trial._trial_id)
+        self._assigned[keys.trial_id(trial)] = self.slots.assign(study, trial)
 
     def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
-        generation, slot = self._assigned.pop(trial._trial_id)
+        generation, slot = self._assigned.pop(keys.trial_id(trial))
         return {} if slot == NO_SLOT else dict(self.proposals(study, generation)[slot])
 
     def sample_independent(self, study, trial, param_name, param_distribution):

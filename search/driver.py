@@ -32,11 +32,11 @@ from search.guard import (SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSetti
                           violation)
 from search.liveness import Heartbeat, fail_interrupted
 from search.objective import NEEDLE_PPL, objective_value
-from search.slots import DRIVER, ERROR, GenerationSlots, Slots
+from search import trial_keys as keys
+from search.slots import GenerationSlots, Slots
+from search.trial_keys import BASELINES, DRIVER, ERROR, STOPPED
 from search.space import RopeSpace, ShortSpace
 from search.workers import CandidateScore, Job, TextSetup, WorkerSetup, make_pool
-
-STOPPED = "ropesearch:stopped"  # study user attribute: why the last call ended before the budget was spent
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Asked:
 
 def _ask(ctx: SearchContext) -> optuna.Trial:
     trial = ctx.study.ask(ctx.space.distributions())
-    ctx.study._storage.set_trial_system_attr(trial._trial_id, DRIVER, ctx.driver_id)
+    keys.set_trial_system_attr(ctx.study, trial, DRIVER, ctx.driver_id)
     return trial
 
 
@@ -105,30 +105,32 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
     """Commit one evaluation to storage. True if it counts as a completed evaluation."""
     if asked.trial is None:
         return False
-    storage, trial_id = ctx.study._storage, asked.trial._trial_id
+    study, trial = ctx.study, asked.trial
     if error is None and asked.first_stage is not None:
         score = asked.first_stage.then(score)
     if error is None and not (score.fitness == score.fitness):  # NaN fitness is a failed evaluation
         error = "fitness is NaN"
     if error is not None:
-        storage.set_trial_system_attr(trial_id, ERROR, error[:500])
+        keys.set_trial_system_attr(study, trial, ERROR, error[:500])
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
-    _keep_scores(ctx, trial_id, score)
-    record_cost(storage, trial_id, score.short_cost, ctx.guard, score.window_violation)  # before tell: samplers read it
+    _keep_scores(ctx, trial, score)
+    record_cost(study, trial, score.short_cost, ctx.guard, score.window_violation)  # before tell: samplers read it
     ctx.study.tell(asked.trial, score.fitness)
     return True
 
 
-def _keep_scores(ctx: SearchContext, trial_id: int, score: CandidateScore) -> None:
-    storage = ctx.study._storage
+def _keep_scores(ctx: SearchContext, trial, score: CandidateScore) -> None:
+    def keep(key: str, value) -> None:
+        keys.set_trial_user_attr(ctx.study, trial, key, value)
+
     for key in ("retrieval", "seconds", "document_nll"):
-        storage.set_trial_user_attr(trial_id, key, getattr(score, key))
+        keep(key, getattr(score, key))
     for name, part in score.by_format().items():  # plain numbers: a column each in optuna-dashboard's table
-        storage.set_trial_user_attr(trial_id, f"ppl:{name}", part.fitness)
-        storage.set_trial_user_attr(trial_id, f"retrieval:{name}", part.retrieval)
+        keep(f"ppl:{name}", part.fitness)
+        keep(f"retrieval:{name}", part.retrieval)
     if score.window_needles is not None:
-        storage.set_trial_user_attr(trial_id, WINDOW_NEEDLES, score.window_needles)
+        keep(WINDOW_NEEDLES, score.window_needles)
 
 
 def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
@@ -143,7 +145,7 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
             continue
         asked.trial.report(score.fitness, step=len(outcome.job.documents))
         if asked.trial.should_prune():
-            _keep_scores(ctx, asked.trial._trial_id, score)
+            _keep_scores(ctx, asked.trial, score)
             ctx.study.tell(asked.trial, state=TrialState.PRUNED)
             asked.goes_on, pruned = False, pruned + 1
     going_on = [a for a in outcome.job.tag if a.goes_on]
@@ -194,7 +196,7 @@ def best_candidate(ctx: SearchContext) -> tuple[RopeCandidate, optuna.trial.Froz
 
 def score_baselines(ctx: SearchContext, pool) -> dict:
     """Baselines (the stage's seeds) on the search documents, once per study (kept in its user attributes)."""
-    stored = ctx.study.user_attrs.get("baselines")
+    stored = ctx.study.user_attrs.get(BASELINES)
     if stored is not None and set(stored) >= set(ctx.seeds):
         return stored
     results = {}
@@ -206,7 +208,7 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
                 results[outcome.job.tag][SHORT_COST] = score.short_cost
             if score.window_needles is not None:
                 results[outcome.job.tag][WINDOW_NEEDLES] = score.window_needles
-    ctx.study.set_user_attr("baselines", results)
+    ctx.study.set_user_attr(BASELINES, results)
     return results
 
 
@@ -355,7 +357,7 @@ def write_json(path: Path, data) -> None:
 
 
 def _trial_ids(job: Job) -> set[int]:
-    return {a.trial._trial_id for a in job.tag if a.trial is not None}
+    return {keys.trial_id(a.trial) for a in job.tag if a.trial is not None}
 
 
 def best_value(ctx: SearchContext) -> float:

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.factors import baseline
+from search import trial_keys as keys
 from search.slots import NO_SLOT, GenerationSlots, finished_history, pruned_before
 from search.space import RopeSpace
 
@@ -60,10 +61,10 @@ class EvolutionarySampler(BaseSampler):
         return self.space.distributions()
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
-        self._assigned[trial._trial_id] = self.slots.assign(study, trial._trial_id)
+        self._assigned[keys.trial_id(trial)] = self.slots.assign(study, trial)
 
     def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
-        generation, slot = self._assigned.pop(trial._trial_id)
+        generation, slot = self._assigned.pop(keys.trial_id(trial))
         return {} if slot == NO_SLOT else dict(self.proposals(study, generation)[slot])
 
     def sample_independent(self, study, trial, param_name, param_distribution):

@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from fitness.scoring import Score
 
-CONSTRAINTS = "constraints"
-SHORT_COST = "short_cost"
-WINDOW_NEEDLES = "window_needles"
-VIOLATION = "constraint_violation"  # a saved candidate's violation (0: feasible), so a kept file ranks as its trial did  # the short stage's in-window needle scores, per "LENGTH/FORMAT" group
+from search import trial_keys as keys
+from search.trial_keys import CONSTRAINTS, SHORT_COST, WINDOW_NEEDLES  # noqa: F401  (re-exported)
+
+VIOLATION = "constraint_violation"  # a saved candidate's violation (0: feasible), so a kept file ranks as its trial did
 
 
 class ShortGuardSettings(BaseModel):
@@ -42,19 +42,19 @@ class ShortGuardSettings(BaseModel):
         return self.max_cost is not None
 
 
-def record_cost(storage, trial_id: int, short_cost: float | None, settings: ShortGuardSettings,
+def record_cost(study, trial, short_cost: float | None, settings: ShortGuardSettings,
                 window_violation: float | None = None) -> None:
     """The trial's short-window cost (a user attribute) and its constraints: the long stage's text cost
     under `settings`, the short stage's in-window needle violation; none stored when neither applies."""
     constraints = []
     if short_cost is not None:
-        storage.set_trial_user_attr(trial_id, SHORT_COST, short_cost)
+        keys.set_trial_user_attr(study, trial, SHORT_COST, short_cost)
         if settings.enabled:
             constraints.append(short_cost - settings.max_cost)
     if window_violation is not None:
         constraints.append(window_violation)
     if constraints:
-        storage.set_trial_system_attr(trial_id, CONSTRAINTS, constraints)
+        keys.set_trial_system_attr(study, trial, CONSTRAINTS, constraints)
 
 
 def violation(trial: FrozenTrial) -> float:

@@ -14,7 +14,8 @@ import time
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from search.slots import DRIVER, ERROR, INTERRUPTED
+from search import trial_keys as keys
+from search.trial_keys import DRIVER, ERROR, HEARTBEAT, INTERRUPTED
 
 HEARTBEAT_GRACE_S = 120.0
 
@@ -41,23 +42,21 @@ class Heartbeat:
     def __call__(self) -> None:
         now = time.time()
         if now - self.last >= self.every_s:
-            self.study._storage.set_study_system_attr(
-                self.study._study_id, f"ropesearch:heartbeat:{self.driver_id}", now
-            )
+            keys.set_study_system_attr(self.study, HEARTBEAT + self.driver_id, now)
             self.last = now
 
 
 def fail_interrupted(study, driver_id: str) -> int:
     """Mark RUNNING trials whose driver is dead as failed ("interrupted"); their slots open again."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
-    heartbeats = {k.split("heartbeat:", 1)[1]: v for k, v in attrs.items() if k.startswith("ropesearch:heartbeat:")}
+    attrs = keys.study_system_attrs(study)
+    heartbeats = {k[len(HEARTBEAT):]: v for k, v in attrs.items() if k.startswith(HEARTBEAT)}
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         driver = trial.system_attrs.get(DRIVER, "?:0:0")
         if driver != driver_id and not _alive(driver, heartbeats):
             try:
-                study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                keys.set_trial_system_attr(study, trial, ERROR, INTERRUPTED)
+                keys.fail_trial(study, trial)
             except UpdateFinishedTrialError:  # another driver starting at the same moment failed it first
                 continue
             count += 1

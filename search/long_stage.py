@@ -21,6 +21,7 @@ from fitness.models import load_config, load_model, machine_name
 from search import driver, report
 from search.evolution import EvolutionarySampler
 from search.objective import NEEDLE_PPL
+from search.trial_keys import BASELINES
 from search.pruning import make_pruner, saved_scorings
 from search.slots import NoSlots
 from search.space import RopeSpace
@@ -102,7 +103,7 @@ def pruning_summary(ctx: driver.SearchContext) -> dict | None:
 def finish(ctx: driver.SearchContext) -> dict | None:
     """best_factors.json, baselines.json, plots, and the held-out report; returns the report."""
     candidate = driver.write_best(ctx)
-    baselines = ctx.study.user_attrs.get("baselines", {})
+    baselines = ctx.study.user_attrs.get(BASELINES, {})
     driver.write_json(ctx.run_dir / "baselines.json", baselines)
     if candidate is None:
         return None
@@ -119,7 +120,7 @@ def finish(ctx: driver.SearchContext) -> dict | None:
 def status(ctx: driver.SearchContext) -> str:
     """Progress against the baselines, pruning, and the held-out report once written."""
     study = ctx.study
-    text = report.format_status(study, study.user_attrs.get("baselines", {}), driver.total_budget(ctx),
+    text = report.format_status(study, study.user_attrs.get(BASELINES, {}), driver.total_budget(ctx),
                                 ctx.slots.state(study))
     if (pruning := pruning_summary(ctx)) is not None:
         text += "\n" + report.format_pruning(pruning)

@@ -12,6 +12,7 @@ from fitness.factors import RopeCandidate, baseline
 from fitness.geometry import RopeGeometry
 from search.guard import SHORT_COST, best_trial
 from search.objective import LABELS, NEEDLE_PPL, objective_value
+from search.trial_keys import ERROR
 
 CURVES = ("pi", "ntk", "yarn", "critical_ntk")
 
@@ -157,7 +158,7 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None,
     if failed:
         reasons = {}
         for t in failed:
-            reason = str(t.system_attrs.get("ropesearch:error", "unknown")).split(":")[0]
+            reason = str(t.system_attrs.get(ERROR, "unknown")).split(":")[0]
             reasons[reason] = reasons.get(reason, 0) + 1
         lines.append("failures: " + ", ".join(f"{n}x {r}" for r, n in reasons.items()))
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from fitness.geometry import geometry_from_config
 from fitness.models import load_config
 from fitness.factors import RopeCandidate, check_geometry
 from search import driver, long_stage, short_stage
+from search import trial_keys as keys
 from fitness.config_checks import (MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model,
                                    naming)  # fmt: skip
 from search.config import SearchConfig, unresumable_changes
@@ -44,7 +45,6 @@ from search.space import RopeSpace
 from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
 from search.workers import check_ray_address
 
-CONFIG_ATTR = "ropesearch:config"  # the study's copy of the config it was created with
 
 
 def load_search_config(config_path: Path, overrides: dict | None = None) -> SearchConfig:
@@ -127,11 +127,14 @@ def create(config: SearchConfig, runs_dir: Path) -> Path:
         if config.long_factors is not None:  # the long stage's result, given
             RopeCandidate.from_source(config.long_factors).save(tmp / "best_factors.json")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(storage=open_storage(config.storage, tmp), study_name=config.name,
-                                    direction="minimize", load_if_exists=True)  # fmt: skip
-        saved = study._storage.get_study_system_attrs(study._study_id).get(CONFIG_ATTR)
+        storage = open_storage(config.storage, tmp)
+        _no_clash(storage, config)
+        study = optuna.create_study(storage=storage, study_name=config.name, direction="minimize",
+                                    load_if_exists=True)
+        attrs = keys.study_system_attrs(study)
+        saved = attrs.get(keys.CONFIG)
         if saved is None:
-            study._storage.set_study_system_attr(study._study_id, CONFIG_ATTR, config.model_dump(mode="json"))
+            keys.set_study_system_attr(study, keys.CONFIG, config.model_dump(mode="json"))
         else:  # another driver's study, shared through `storage`: it must be searching the same thing
             _same_search(saved, config, f"storage {config.storage} (study {config.name!r})")
         os.replace(tmp, run_dir)  # the folder appears whole or not at all
@@ -139,6 +142,22 @@ def create(config: SearchConfig, runs_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir
+
+
+def _no_clash(storage, config: SearchConfig) -> None:
+    """In shared storage, a run's short stage is the study `<name>-short`: no other search may be named so,
+    and this one may not be named like another run's short stage. Checked before anything is created."""
+    names = set(optuna.get_all_study_names(storage))
+
+    def attrs(name: str) -> dict:
+        return keys.study_system_attrs(optuna.load_study(study_name=name, storage=storage)) if name in names else {}
+
+    if keys.LONG_CANDIDATE in attrs(config.name):
+        raise RopeSearchError(f"storage {config.storage}: the study {config.name!r} is another run's short stage; "
+                              "give this search another name")
+    if config.short_search is not None and keys.CONFIG in attrs(short_stage.study_name(config)):
+        raise RopeSearchError(f"storage {config.storage}: a search named {short_stage.study_name(config)!r} is there, "
+                              "the name of this run's short stage; give this search another name")
 
 
 def _same_search(saved: dict, config: SearchConfig, where: str) -> None:
@@ -175,7 +194,7 @@ def open_run(run_dir: Path, config: SearchConfig, read_only: bool = False) -> dr
         where = run_dir / STUDY_DB if config.storage is None else config.storage
         raise EnvironmentFault(f"{where} holds no study {config.name!r}: this run's evaluations are gone; `ropesearch "
                                f"search {run_dir / 'config.yaml'}` starts over in a new run folder") from None
-    saved = storage.get_study_system_attrs(study_id).get(CONFIG_ATTR)
+    saved = storage.get_study_system_attrs(study_id).get(keys.CONFIG)
     if saved is not None:
         _same_search(saved, config, f"{run_dir / 'config.yaml'} (edited since the run began)")
     return long_stage.open_context(run_dir, config, storage, read_only=read_only)

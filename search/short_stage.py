@@ -45,6 +45,8 @@ from fitness.general_text import GENERAL_ENGLISH, text_windows
 from fitness.models import load_model, load_tokenizer, machine_name
 from fitness.needles import BUILTIN_HAYSTACKS, NeedleSettings, build_needle_set
 from search import driver, report
+from search import trial_keys as keys
+from search.trial_keys import BASELINES, LONG_CANDIDATE as LONG_ATTR
 from search.cma import GenerationalCmaEs, default_population, generations_for
 from search.guard import WindowNeedleSettings
 from search.objective import LABELS, TEXT_PPL, TEXT_PPL_RATIO, objective_value
@@ -55,7 +57,6 @@ from search.workers import TextSetup
 
 BEST_FILE = "best_short_factors.json"
 REPORT = "short_report.json"
-LONG_ATTR = "ropesearch:long_candidate"  # the long candidate the study searches short factors for
 ONES = "ones"  # the reference: short factors of 1 (what the long stage alone exports)
 OWN = "none (the model's own)"  # no scaling at all: the model as it was trained
 
@@ -246,10 +247,13 @@ def _same_long(study: optuna.Study, long: RopeCandidate, run_dir: Path, space: S
     """A new study records its long candidate (and, for Optuna's own samplers, enqueues the seeds as its
     first trials; CMA-ES holds them as its generation 0); an old one must be for the same long candidate,
     or its short factors would belong to other long factors."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = keys.study_system_attrs(study)
+    if keys.CONFIG in attrs:  # another run's long stage, named like this run's short stage, in the same storage
+        raise RopeSearchError(f"{run_dir}: its storage holds a search named {study.study_name!r}, the name of this "
+                              "run's short stage; rename one of the two searches")
     mine = {"long_factors": list(long.long_factors), "attention_factor": long.attention_factor}
     if LONG_ATTR not in attrs:
-        study._storage.set_study_system_attr(study._study_id, LONG_ATTR, mine)
+        keys.set_study_system_attr(study, LONG_ATTR, mine)
         if enqueue:
             for candidate in seeds.values():
                 study.enqueue_trial(space.encode(candidate), skip_if_exists=True)
@@ -263,7 +267,7 @@ def finish(ctx: driver.SearchContext) -> dict | None:
     candidate = driver.write_best(ctx)
     if candidate is None:
         return None
-    baselines = ctx.study.user_attrs.get("baselines", {})
+    baselines = ctx.study.user_attrs.get(BASELINES, {})
     report.plot_short_factors(candidate, ctx.seeds, ctx.run_dir / "short_factors.png")
     report.plot_fitness(ctx.study, baselines, ctx.run_dir / "short_fitness.png", what=LABELS[ctx.objective])
     config, settings = ctx.config, ctx.config.short_search
@@ -300,7 +304,7 @@ def finish(ctx: driver.SearchContext) -> dict | None:
 
 def status(ctx: driver.SearchContext) -> str:
     """Progress against the seeds, and the report once written."""
-    baselines = ctx.study.user_attrs.get("baselines", {})
+    baselines = ctx.study.user_attrs.get(BASELINES, {})
     text = report.format_status(ctx.study, baselines, driver.total_budget(ctx), ctx.slots.state(ctx.study),
                                 what=LABELS[ctx.objective])
     if (ctx.run_dir / REPORT).exists():

@@ -15,14 +15,10 @@ from typing import Callable, NamedTuple
 
 from optuna.trial import FrozenTrial, TrialState
 
+from search import trial_keys as keys
 from search.guard import rank
+from search.trial_keys import DUPLICATE, ERROR, GENERATION, INTERRUPTED, SLOT
 
-SLOT = "ropesearch:slot"  # [generation, slot], one attribute: other drivers never see half of it
-GENERATION = "generation"  # the slot's generation again, as a user attribute: optuna-dashboard shows only those
-ERROR = "ropesearch:error"
-DRIVER = "ropesearch:driver"  # the driver that asked a trial: host:pid:start
-INTERRUPTED = "interrupted"  # a trial whose driver died: its slot is asked again, and it is no attempt
-DUPLICATE = "duplicate"  # a slot two drivers took at once: the later trial steps back, no attempt either
 NO_SLOT = -1  # asked when another driver had just taken the last open slot
 
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -78,7 +74,7 @@ def is_earlier(other: FrozenTrial, trial: FrozenTrial) -> bool:
 
 
 def _fail(study, trial, error: str) -> None:
-    study._storage.set_trial_system_attr(trial._trial_id, ERROR, error)
+    keys.set_trial_system_attr(study, trial, ERROR, error)
     study.tell(trial, state=TrialState.FAIL)
 
 
@@ -140,13 +136,13 @@ class GenerationSlots:
     def finished(self, study) -> bool:
         return self.state(study).finished
 
-    def assign(self, study, trial_id: int) -> tuple[int, int]:
+    def assign(self, study, trial) -> tuple[int, int]:
         """The slot a new trial fills (called by the sampler as the study asks)."""
         state = self.state(study)
         # another driver may have taken the last open slots since this one looked: slot -1 says "none left"
         assigned = (state.generation, state.open_slots[0] if state.open_slots else NO_SLOT)
-        study._storage.set_trial_system_attr(trial_id, SLOT, list(assigned))
-        study._storage.set_trial_user_attr(trial_id, GENERATION, assigned[0])  # for display; SLOT is the book
+        keys.set_trial_system_attr(study, trial, SLOT, list(assigned))
+        keys.set_trial_user_attr(study, trial, GENERATION, assigned[0])  # for display; SLOT is the book
         return assigned
 
     def pruned(self, study, generation: int) -> set[int]:
@@ -164,7 +160,7 @@ class GenerationSlots:
         by_slot = {}
         for _ in _whole_groups(state.open_slots, k, limit):
             trial = ask()
-            _, slot = study._storage.get_trial_system_attrs(trial._trial_id)[SLOT]
+            _, slot = keys.trial_system_attrs(study, trial)[SLOT]
             if slot == NO_SLOT:
                 _fail(study, trial, f"{DUPLICATE}: no open slot left")
                 break

@@ -8,7 +8,9 @@ from optuna.trial import TrialState
 
 from fitness.geometry import RopeGeometry
 from search.evolution import EvolutionarySampler, EvolutionSettings
-from search.slots import ERROR, INTERRUPTED, slot_of
+from search import trial_keys as keys
+from search.slots import slot_of
+from search.trial_keys import ERROR, INTERRUPTED
 from search.space import RopeSpace, SpaceSettings
 
 GEOMETRY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
@@ -72,13 +74,13 @@ def test_failed_slots_are_retried_then_given_up_and_interrupted_ones_are_no_atte
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="f", sampler=sampler)
     trial = study.ask(space.distributions())
     assert sampler.slots.state(study).running == 1 and 0 not in sampler.slots.state(study).open_slots
-    study._storage.set_trial_system_attr(trial._trial_id, ERROR, INTERRUPTED)
+    keys.set_trial_system_attr(study, trial, ERROR, INTERRUPTED)
     study.tell(trial, state=TrialState.FAIL)
     for attempt in range(SETTINGS.max_attempts):
         assert sampler.slots.state(study).open_slots[0] == 0
         again = study.ask(space.distributions())
         assert again.params == trial.params  # the same proposal for the same slot
-        study._storage.set_trial_system_attr(again._trial_id, ERROR, "RuntimeError: boom")
+        keys.set_trial_system_attr(study, again, ERROR, "RuntimeError: boom")
         study.tell(again, state=TrialState.FAIL)
     assert 0 not in sampler.slots.state(study).open_slots  # given up after max_attempts real failures
 

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 
 from search import long_stage, runs
 from search.cli import main
-from search.slots import DRIVER, slot_of
+from search.slots import slot_of
+from search.trial_keys import DRIVER
 from search.storage import open_storage
 from tests.search_helpers import completed_in, history, history_of, launch, write_config
 

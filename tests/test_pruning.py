@@ -9,7 +9,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search import long_stage, report, runs
-from search.slots import SLOT, slot_of
+from search.slots import slot_of
+from search.trial_keys import SLOT
 from search.pruning import PruningSettings, make_pruner
 from tests.search_helpers import completed_in, history_of, launch, write_config
 

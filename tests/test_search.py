@@ -100,3 +100,18 @@ def test_a_stop_by_the_clock_is_said_and_a_resume_finishes_the_run(tmp_path, cap
     assert history_of(run_dir) == history
     assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
     assert "stopped by" not in runs.status(run_dir)
+
+
+def test_ctrl_c_names_the_run_folder_to_resume(tmp_path):
+    config = write_config(tmp_path, **{"sampler.evolution.generations": 50})
+    process = launch(["search", str(config), "--runs-dir", str(tmp_path / "runs")])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (found := list((tmp_path / "runs").glob("small-*/study.db"))):
+        time.sleep(0.1)
+    assert found, process.stderr.read().decode()[-2000:]
+    while time.time() < deadline and completed_in(found[0]) < 1:
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    err = process.stderr.read().decode().strip().splitlines()
+    assert err[-1] == f"ropesearch: interrupted; `ropesearch resume {found[0].parent}` continues it"

@@ -376,3 +376,30 @@ def test_a_seed_the_space_clamps_is_named_for_what_it_is(tiny, tmp_path):
     settings = short_stage.ShortSearchSettings(seeds=[0.0, 1.0], space={"low": 1.0, "high": 1.5})
     names = list(short_stage.seed_candidates(long, settings))
     assert names[0] == "ones" and names[1] == "long^1 (clamped to [1, 1.5])"
+
+
+def test_a_search_named_like_another_runs_short_stage_is_refused(tmp_path, capsys):
+    """In one shared storage the study `X-short` is run X's short stage: a search named X-short is refused
+    before it writes anything, and so is X when a search X-short is already there."""
+    journal = str(tmp_path / "shared.journal.log")
+    short = {**SHORT, "evaluations": 4}
+    first = write_config(tmp_path, name="x", storage=journal, short_search=short, **{"budget.evaluations": 2})
+    run = runs.create(runs.load_search_config(first), tmp_path / "runs")
+    runs.run(run, quiet=True)
+    (tmp_path / "second").mkdir()
+    second = write_config(tmp_path / "second", name="x-short", storage=journal)
+    assert cli.main(["search", str(second), "--runs-dir", str(tmp_path / "runs2")]) == 2
+    assert "is another run's short stage" in capsys.readouterr().err
+    (tmp_path / "third").mkdir()
+    third = write_config(tmp_path / "third", name="y-short", storage=journal, **{"budget.evaluations": 1})
+    assert cli.main(["search", str(third), "--runs-dir", str(tmp_path / "runs3")]) == 0
+    (tmp_path / "fourth").mkdir()
+    fourth = write_config(tmp_path / "fourth", name="y", storage=journal, short_search=short)
+    assert cli.main(["search", str(fourth), "--runs-dir", str(tmp_path / "runs4")]) == 2
+    assert "the name of this run's short stage" in capsys.readouterr().err
+    assert not (tmp_path / "runs2").exists() or not any((tmp_path / "runs2").iterdir())
+    from optuna import get_all_study_names
+
+    from search.storage import open_storage
+
+    assert set(get_all_study_names(open_storage(journal, tmp_path))) == {"x", "x-short", "y-short"}
