@@ -151,7 +151,8 @@ def evaluate_models(config: EvalConfig, base_model, tokenizer, lengths: list[int
 def merge_ruler(first: RulerResults | None, second: RulerResults | None) -> RulerResults | None:
     if first is None or second is None:
         return first or second
-    return RulerResults({**first.scores, **second.scores}, {**first.examples, **second.examples})
+    return RulerResults({**first.scores, **second.scores}, {**first.examples, **second.examples},
+                        {**first.seconds, **second.seconds})
 
 
 def ruler_description(settings: RulerSettings) -> dict:
@@ -200,7 +201,7 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
         "models": config.models,
     }
     if ruler:
-        payload.update(ruler=ruler.scores, ruler_settings=ruler_description(config.ruler))
+        payload.update(ruler=ruler.scores, ruler_settings=ruler_description(config.ruler), ruler_seconds=ruler.seconds)
         payload["ruler_examples"] = ruler.examples
     (out_dir / "eval.json").write_text(json.dumps(payload, indent=2))
     plot_lengths(results, geometry.original_window, out_dir / "eval.png")

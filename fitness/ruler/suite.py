@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import inspect
 import random
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -162,6 +163,7 @@ def greedy_generate(
 class RulerResults:
     scores: dict[str, dict[int, dict[str, float]]]  # {method: {length: {task: percent, "average": percent}}}
     examples: dict[str, dict[int, dict[str, dict]]]  # the first sample's output and references per task
+    seconds: dict[str, dict[int, float]] = field(default_factory=dict)  # {method: {length: the suite's wall time}}
 
 
 def score_task_set(
@@ -196,14 +198,25 @@ def evaluate_ruler(
     with tqdm(total=total, desc="ruler", unit="sample", disable=not show_progress, dynamic_ncols=True) as bar:
         for name, method in methods.items():
             for task_set in suite:
+                started = time.perf_counter()
                 if method is None:
                     score, outputs = score_task_set(model, tokenizer, task_set, samples_per_forward, bar.update)
                 else:
                     with apply_candidates(model, method(task_set.length)):
                         score, outputs = score_task_set(model, tokenizer, task_set, samples_per_forward, bar.update)
+                _synchronize(model)
+                spent = results.seconds.setdefault(name, {})
+                spent[task_set.length] = spent.get(task_set.length, 0.0) + time.perf_counter() - started
                 results.scores[name].setdefault(task_set.length, {})[task_set.task] = score
                 example = {"output": outputs[0], "answers": list(task_set.answers[0])}
                 results.examples[name].setdefault(task_set.length, {})[task_set.task] = example
             for row in results.scores[name].values():
                 row["average"] = sum(row.values()) / len(row)
     return results
+
+
+def _synchronize(model) -> None:
+    """A wall time that ends when the GPU's work does, not when it was queued."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
