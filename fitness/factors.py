@@ -6,17 +6,15 @@ has one entry per frequency pair, and the rescaled inverse frequency is `theta_i
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fitness.config_io import validation_message
+from fitness.config_io import read_data, validation_message
 from fitness.errors import RopeSearchError
 from fitness.geometry import RopeGeometry
 
@@ -75,11 +73,14 @@ class RopeCandidate(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> RopeCandidate:
+        """A factor file: JSON, or YAML by its name (.yaml, .yml), read with bounds; numbers must be numbers."""
         path = Path(path)
+        if not path.exists():
+            raise RopeSearchError(f"{path}: no such factor file")
+        data = read_data(path, "factor file", as_json=path.suffix not in (".yaml", ".yml"))
+        _numbers_only(data, path)
         try:
-            return cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise RopeSearchError(f"{path}: no such factor file") from None
+            return cls.model_validate(data)
         except ValidationError as err:
             raise RopeSearchError(f"{path}: {validation_message(err)}") from None
 
@@ -101,18 +102,9 @@ class RopeCandidate(BaseModel):
                     raise RopeSearchError(f"{short}: searched for other long factors than {factors} holds")
                 candidate = _extends(with_short, short)
             if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
-                config = yaml.safe_load((source / "config.yaml").read_text())
+                config = read_data(source / "config.yaml", "run config")
                 candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})
             return candidate
-        if source.is_file():
-            _numbers_only(_parse(source), source)
-        if source.suffix in (".yaml", ".yml") and source.is_file():
-            try:
-                return _extends(cls.model_validate(yaml.safe_load(source.read_text())), source)
-            except RopeSearchError:
-                raise
-            except Exception as err:
-                raise RopeSearchError(f"{source}: not a factor file ({' '.join(str(err).split())[:200]})") from None
         return _extends(cls.load(source), source)
 
 
@@ -141,14 +133,6 @@ def _extends(candidate: RopeCandidate, source: Path) -> RopeCandidate:
             "(factors extend a window; they cannot shrink it)"
         )
     return candidate
-
-
-def _parse(source: Path):
-    text = source.read_text()
-    try:
-        return yaml.safe_load(text) if source.suffix in (".yaml", ".yml") else json.loads(text)
-    except (ValueError, yaml.YAMLError):
-        return None  # the candidate type's own parser says what is wrong
 
 
 def make_candidate(
@@ -381,3 +365,4 @@ def check_geometry(candidate: RopeCandidate, geometry: RopeGeometry, source: str
             raise RopeSearchError(
                 f"{source}: made for {field}={getattr(mine, field)}, but the model has {field}={getattr(geometry, field)}"
             )
+
