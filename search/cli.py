@@ -93,6 +93,7 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
+    from fitness import output
     from search.export import EXPORTERS, read_source
 
     candidate = read_source(Path(args.source))
@@ -101,13 +102,15 @@ def _export(args) -> int:
         raise RopeSearchError("--model is needed: the factors do not name the model they were searched on")
     default_out = {"hf": "exported-hf", "gguf": "exported.gguf", "json": "factors.json", "yaml": "factors.yaml"}
     out = Path(args.out or default_out[args.to])
-    if out.exists() or not out.parent.is_dir():
-        why = "exists; choose another or remove it" if out.exists() else f"its folder {out.parent} does not exist"
-        raise RopeSearchError(f"--out {out}: {why}")
+    if not out.parent.is_dir():
+        raise RopeSearchError(f"--out {out}: its folder {out.parent} does not exist")
+    output.refuse_existing(out, "--out")
+    output.check_destination(out, "--out")
     kwargs = (
         {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
     )
-    written = EXPORTERS[args.to](candidate, model, out, **kwargs)
+    with output.faults(out, "nothing was written; free some space or choose another --out, and export again"):
+        written = EXPORTERS[args.to](candidate, model, out, **kwargs)
     print(f"written: {written}")
     return 0
 
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ropesearch: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Exception as err:  # a fault of the environment (storage, disk): one line, and how to go on
-        from search.storage import EnvironmentFault
+        from fitness.errors import EnvironmentFault
 
         message = str(err) if isinstance(err, EnvironmentFault) else fault_message(err, getattr(args, "run_dir", None))
         if message is None:
