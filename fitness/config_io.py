@@ -188,7 +188,7 @@ def read_data(path: str | Path, what: str = "file", as_json: bool | None = None)
         return parse_json(text) if as_json else parse_yaml(text)
     except (ValueError, yaml.YAMLError) as err:
         raise RopeSearchError(f"{path}: not valid {'JSON' if as_json else 'YAML'} "
-                              f"({' '.join(str(err).split())[:300]})") from None  # fmt: skip
+                              f"({' '.join(str(err).split())[:300]})") from None
 
 
 def read_yaml(path: str | Path) -> dict:

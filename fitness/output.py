@@ -31,7 +31,7 @@ LOCK_FILE = ".ropesearch.lock"
 WRITE_FAULTS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 # what torch and safetensors say when the system refuses a write (they raise without an errno)
 WRITE_FAULT_TEXTS = ("no space left", "file too large", "disk quota", "read-only file system", "file write failed",
-                     "storagefull", "permission denied")  # fmt: skip
+                     "storagefull", "permission denied")
 
 
 def _mode(bits: int) -> int:
@@ -148,6 +148,40 @@ def new_output(final: Path, label: str, folder: bool = True) -> Iterator[Path]:
 
 
 @contextmanager
+def rebuilt_folder(final: Path) -> Iterator[Path]:
+    """A command's own folder (inside the folder it has claimed) rebuilt under a unique name and swapped
+    in at the end: the old one stays whole until the new one is."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        os.chmod(tmp, _mode(0o777))
+        yield tmp
+        old = final.with_name(f"{tmp.name}.old")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def files_into(folder: Path) -> Iterator[Path]:
+    """A unique scratch folder beside `folder`; when the block ends, each file made in it replaces its
+    namesake in `folder` atomically (other files of `folder` are kept). Removed either way."""
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        for path in sorted(tmp.iterdir()):
+            os.chmod(path, _mode(0o666))
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A unique temp path beside `path`; it replaces `path` when the block ends, and is removed on failure."""
     path = Path(path)
@@ -177,7 +211,7 @@ def _lock(folder: Path, what: str) -> Iterator[None]:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise EnvironmentFault(f"{folder} is in use by another {what}; wait for it to finish or stop it, "
-                                   f"then run the same command again") from None  # fmt: skip
+                                   f"then run the same command again") from None
         yield
     finally:
         os.close(descriptor)  # closing releases the lock; a killed process's lock goes with it
@@ -232,7 +266,7 @@ def check_owner(folder: Path, label: str, owner: str, same: Callable[[str], bool
         ours = False
     if not ours:
         raise RopeSearchError(f"{label} {folder}: holds a run of another config ({owner} differs); choose another "
-                              f"{label}")  # fmt: skip
+                              f"{label}")
 
 
 def write_fault(err: BaseException) -> bool:
