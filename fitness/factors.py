@@ -366,3 +366,36 @@ def check_geometry(candidate: RopeCandidate, geometry: RopeGeometry, source: str
                 f"{source}: made for {field}={getattr(mine, field)}, but the model has {field}={getattr(geometry, field)}"
             )
 
+
+# transformers' dynamic NTK rescales by each input's own length (and leaves inputs inside the original
+# window unscaled): no single vector, so no export, deploys it
+LENGTH_DEPENDENT = {"dynamic_ntk"}
+
+
+def deployed_baseline(name: str, geometry: RopeGeometry, target_window: int) -> RopeCandidate:
+    """A baseline as an engine deploys it for `target_window` tokens: the same factors and attention factor
+    at every length, as transformers' `rope_type: yarn` (or linear, llama3...) applies them. Its short
+    factors are its long ones, so a longrope export of it computes exactly that at every length."""
+    if name in LENGTH_DEPENDENT:
+        raise RopeSearchError(f"{name} rescales by each input's length; no factor vector deploys it "
+                              f"(compare it under `methods:` in `ropesearch eval`)")
+    candidate = baseline(name, geometry, target_window)
+    return make_candidate(geometry, target_window, candidate.long_factors, static=True,
+                          attention_factor=candidate.attention_factor, method=candidate.method,
+                          params={**candidate.params, "deployed": "static"})
+
+
+def factors_from(value: str, geometry: RopeGeometry, target_window: int | None) -> RopeCandidate:
+    """What a config's `factors:` names: a method (`yarn`, `pi`, ...; a name wins over a file of that name,
+    write ./yarn for the file), deployed for `target_window`, or a factor file or run folder, which must
+    be for `geometry` (and, where `target_window` is given, for that target)."""
+    if value in BASELINES:
+        if target_window is None:
+            raise RopeSearchError(f"the method {value!r} needs a target: give scale or target_window")
+        return deployed_baseline(value, geometry, target_window)
+    candidate = RopeCandidate.from_source(value)
+    check_geometry(candidate, geometry, source=value)
+    if target_window is not None and candidate.target_window != target_window:
+        raise RopeSearchError(f"{value} was made for {candidate.target_window} tokens, not the target "
+                              f"{target_window}; leave scale and target_window out, or give its own")
+    return candidate
