@@ -8,30 +8,40 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.config_io import load_yaml, read_yaml
+from typing import Annotated
+
+from fitness import output
+from fitness.config_checks import (MAX_NAME, MAX_TARGET_WINDOW, NAME_PATTERN, check_haystacks, check_model,
+                                   check_short_lengths, naming)
+from fitness.config_io import load_yaml
+from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, short_text_costs
 from fitness.general_text import general_windows
-from fitness.factors import BASELINES, RopeCandidate, check_geometry
+from fitness.factors import BASELINES, RopeCandidate, factors_from
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name
-from fitness.needles import NeedleSettings, haystack_texts
+from fitness.needles import NeedleSettings
 from search.report import format_table_by_format, plot_lengths, short_text_table
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(default="eval", pattern=NAME_PATTERN, max_length=MAX_NAME)
     model: ModelSettings = Field(default_factory=ModelSettings)
     needles: NeedleSettings = Field(default_factory=NeedleSettings)
-    multiples: list[float] = Field(default_factory=lambda: [1, 2, 4])  # of the original window
+    multiples: list[float] = Field(default_factory=lambda: [1, 2, 4], min_length=1)  # of the original window
+    # each rebuilt for every evaluated length (YaRN at 2x uses s = 2), as a user would configure it per length
     methods: list[str] = Field(default_factory=lambda: ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"])
-    factors: dict[str, str] = Field(default_factory=dict)  # label: factor file or run folder
+    # label: a factor file, a run folder, or a method name. A method here is the one deployment built for
+    # the longest evaluated length, the same factors and attention factor at every length (as a fine-tune
+    # with `factors: yarn` ships it), unlike `methods:`, which rebuilds it for each length.
+    factors: dict[str, str] = Field(default_factory=dict)
     candidates_per_forward: int = Field(default=4, gt=0)
     documents_per_forward: int = Field(default=1, gt=0)
     # general English text inside the original window, under each method as deployed for the longest
     # length: what the extension costs short prompts. None: a quarter of the window and the window.
-    short_lengths: list[int] | None = Field(default=None, min_length=1)
+    short_lengths: list[Annotated[int, Field(gt=1)]] | None = Field(default=None, min_length=1)
     short_windows: int = Field(default=8, ge=0, le=4096)  # 0: no short-text evaluation
 
     @model_validator(mode="after")
@@ -41,6 +51,8 @@ class EvalConfig(BaseModel):
             raise ValueError(f"unknown methods {unknown}; known: {list(BASELINES)}")
         if any(m <= 0 for m in self.multiples):
             raise ValueError("multiples must be positive")
+        if not self.methods and not self.factors:
+            raise ValueError("methods and factors are both empty: nothing to evaluate")
         return self
 
 
@@ -62,22 +74,33 @@ def format_table(results: dict, short_text: dict | None = None) -> str:
 
 
 def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
-    """The eval config and its factor files, validated once before anything runs: finite numbers, the
-    schema, the model's geometry, the haystacks, every factor file, sizes and the model's files."""
-    from fitness.config_checks import check_finite, check_limits, check_model
-
+    """The eval config and its factors, validated once before anything runs: finite numbers, the schema,
+    sizes, the model's files and geometry, the lengths, the haystacks, every factor file or method."""
     source = str(config_path)
-    check_finite(read_yaml(config_path), source)
     config = load_yaml(config_path, EvalConfig)
-    geometry = geometry_from_config(load_config(config.model.name))
-    haystack_texts(config.needles.haystack)
-    candidates = {}
-    for label, path in config.factors.items():
-        candidates[label] = RopeCandidate.from_source(path)  # a factor file or a run folder
-        check_geometry(candidates[label], geometry, source=path)
-    check_limits(config.model_dump(), source)
     check_model(config.model, source)
+    with naming(source, "model.name"):
+        geometry = geometry_from_config(load_config(config.model.name))
+    window = geometry.original_window
+    longest = max(int(round(window * m)) for m in config.multiples)
+    if not 1 < longest <= MAX_TARGET_WINDOW:
+        raise RopeSearchError(f"{source}: multiples: the longest length, {longest} tokens, must lie in "
+                              f"[2, {MAX_TARGET_WINDOW}]")
+    check_short_lengths(config.short_lengths, window, source, "short_lengths")
+    check_haystacks(config.needles.haystack, source, "needles.haystack")
+    candidates = {}
+    for label, value in config.factors.items():
+        with naming(source, f"factors.{label}"):  # a method: the one deployment for the longest length
+            candidates[label] = factors_from(value, geometry, max(longest, window) if value in BASELINES else None)
     return config, candidates
+
+
+def eval_output(out: Path):
+    """Where the results go, checked before anything runs: never over an earlier evaluation; built under a
+    unique hidden name and moved there whole (a failure leaves nothing)."""
+    output.check_destination(out, "--out")
+    output.refuse_existing(out, "--out")
+    return output.new_output(out, "--out")
 
 
 def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: Path) -> dict:
