@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ WRITE_FAULTS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACC
 # what torch and safetensors say when the system refuses a write (they raise without an errno)
 WRITE_FAULT_TEXTS = ("no space left", "file too large", "disk quota", "read-only file system", "file write failed",
                      "storagefull", "permission denied")
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile, cut short by the system
 
 
 def _mode(bits: int) -> int:
@@ -41,9 +43,17 @@ def _mode(bits: int) -> int:
     return bits & ~mask
 
 
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except OSError:  # missing, or a name too long to look up (ENAMETOOLONG): not there either way
+        return False
+
+
 def _nearest_existing(path: Path) -> Path:
     path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
+    while not _exists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -274,7 +284,8 @@ def write_fault(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
         return True
     text = str(err).lower()
-    return isinstance(err, (OSError, RuntimeError)) and any(t in text for t in WRITE_FAULT_TEXTS)
+    return isinstance(err, (OSError, RuntimeError)) and (any(t in text for t in WRITE_FAULT_TEXTS)
+                                                         or SHORT_WRITE.search(text) is not None)
 
 
 @contextmanager

@@ -120,8 +120,8 @@ def _export(args) -> int:
     out = Path(args.out or default_out[args.to])
     if not out.parent.is_dir():
         raise RopeSearchError(f"--out {out}: its folder {out.parent} does not exist")
-    output.refuse_existing(out, "--out")
     output.check_destination(out, "--out")
+    output.refuse_existing(out, "--out")
     kwargs = (
         {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
     )

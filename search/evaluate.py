@@ -98,7 +98,7 @@ def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandi
 def eval_output(out: Path):
     """Where the results go, checked before anything runs: never over an earlier evaluation; built under a
     unique hidden name and moved there whole (a failure leaves nothing)."""
-    output.check_destination(out, "--out")
+    output.check_destination(out, "--out")  # first: a name too long cannot even be looked up
     output.refuse_existing(out, "--out")
     return output.new_output(out, "--out")
 
