@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from search.cli import main
-from tests.test_cli import _set, factor_file, train_config, write
+from tests.test_cli import _set, config_with, factor_file, train_config, write
 
 EVAL = {"name": "e", "model": {"name": "tiny", "device": "cpu", "threads": 1},
         "needles": {"documents": 2, "haystack": ["docstrings"]}, "multiples": [1, 2], "methods": ["none", "yarn"],
@@ -117,6 +117,8 @@ BAD = [  # (label, argv from tmp_path, exit code, what the one line says)
                                                user_folder(p, "mine")], 2, "holds files this command did not make"),
     ("train --out a run of another config", lambda p: ["train", str(train_config(p, lambda d: None)), "--out",
                                                        another_run(p)], 2, "another config"),
+    ("search name .", lambda p: ["search", str(config_with(p, _set("name", "."))), "--runs-dir", str(p / "runs")], 2,
+     "name"),
     # eval
     ("eval multiples empty", lambda p: ["eval", eval_config(p, _set("multiples", []))], 2, "multiples"),
     ("eval nothing to evaluate", lambda p: ["eval", eval_config(p, _set("methods", []))], 2, "nothing to evaluate"),

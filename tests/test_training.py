@@ -36,10 +36,17 @@ def test_packed_short_documents_equal_separate_forwards(tiny):
             torch.testing.assert_close(packed[:, a:b], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_rows_choose_their_rope(tiny):
-    """Long rows run under the long factors, packed short rows under the short ones."""
+@pytest.mark.parametrize("factors", ["searched", "yarn deployed"])
+def test_rows_choose_their_rope(tiny, factors):
+    """Long rows run under the long factors, packed short rows under the short ones (a deployed method's
+    short factors are its long ones: YaRN's rotation at every length)."""
+    from fitness.factors import deployed_baseline
+
     model, tokenizer = tiny
     candidate = RopeCandidate.load(FACTORS)
+    if factors == "yarn deployed":
+        candidate = deployed_baseline("yarn", candidate.geometry, 1024)
+        assert candidate.inv_freq(long=False).tolist() == candidate.inv_freq(long=True).tolist()
     batch = MixedBatches(tokenizer, MixedData(long_ratio=0.5), 256, 1024, 8, seed=1)(3, 0)
     long_rows = batch.position_ids.max(dim=1).values == 1023
     assert 0 < long_rows.sum() < 8
