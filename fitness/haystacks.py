@@ -113,9 +113,7 @@ def _file_texts(path: Path) -> list[str]:
         if not files:
             raise RopeSearchError(f"haystack folder {path} has no .txt, .md or .jsonl files")
         return [text for f in files for text in _file_texts(f)]
-    if not path.is_file():  # a device such as /dev/zero, or a pipe, never ends
-        raise RopeSearchError(f"haystack {path}: not a regular file or folder")
-    try:
+    try:  # a device such as /dev/zero, or a pipe, is refused: it never ends
         text = read_text(path, "haystack file", MAX_HAYSTACK_BYTES)
     except RopeSearchError as err:
         raise RopeSearchError(f"haystack file {err}") from None

@@ -190,6 +190,7 @@ YAML_ATTACKS = [
     ("laughs under an unknown key", LAUGHS, "aliases are expanded"),
     ("an alias inside itself", "colour: &a [1, *a]\n", "refers to itself"),
     ("nested 10,000 deep", "x: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested more than"),
+    ("5 MiB", "# a comment\n" * (5 * 2**20 // 12), "more than a config file can be"),
 ]
 
 
@@ -218,6 +219,13 @@ def test_yaml_is_read_with_bounds(tmp_path, capsys, command, label, text, messag
 def test_messages_name_keys_not_pydantic_union_members(tmp_path, capsys, command, text, key):
     err = refused(command_line(command, write(tmp_path, "c.yaml", text), tmp_path), capsys, 2, f"{key}: Input should")
     assert "literal[" not in err and "dict[" not in err and "list[" not in err
+
+
+def test_haystack_files_are_read_with_a_bound(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("fitness.haystacks.MAX_HAYSTACK_BYTES", 1000)  # 1 GiB in use: too big to write here
+    big = write(tmp_path, "big.txt", "A sentence of the haystack. " * 100)
+    refused(train(tmp_path, _set("data.haystack", [str(big)])), capsys, 2, "more than a haystack file can be")
+    assert not (tmp_path / "runs").exists()
 
 
 @contextlib.contextmanager
