@@ -61,13 +61,11 @@ def read_text(path: str | Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     try:
         if not path.is_file():
             raise RopeSearchError(f"{path}: no such {what}" if not path.exists() else f"{path}: not a regular file")
-        if path.stat().st_size > limit:
-            raise RopeSearchError(f"{path}: {path.stat().st_size} bytes, more than a {what} can be ({limit} at most)")
         with path.open("rb") as handle:
-            data = handle.read(limit + 1)
+            data = handle.read(limit + 1)  # never more, whatever the file claims or becomes meanwhile
     except OSError as err:
         raise RopeSearchError(f"{path}: cannot read this {what} ({err.strerror})") from None
-    if len(data) > limit:  # grew while being read
+    if len(data) > limit:
         raise RopeSearchError(f"{path}: more than {limit} bytes, more than a {what} can be")
     try:
         return data.decode("utf-8")

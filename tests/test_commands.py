@@ -37,8 +37,18 @@ def recipe(p, change=lambda d: None):
     return str(write(p, "recipe.yaml", yaml.safe_dump(data)))
 
 
+def small(change=lambda d: None):
+    """train-tiny.yaml cut to one step and one document: a refusal that a bug turns into a run ends soon."""
+    def changed(data):
+        data["train"].update(steps=1, batch_size=1, warmup=0)
+        data["evaluation"] = {"needles": {"documents": 1, "haystack": ["docstrings"]}, "short_windows": 1}
+        change(data)
+
+    return changed
+
+
 def train(p, change):
-    return ["train", str(train_config(p, change)), "--out", str(p / "runs" / "o")]
+    return ["train", str(train_config(p, small(change))), "--out", str(p / "runs" / "o")]
 
 
 def bomb_factor_file(p):
@@ -70,7 +80,7 @@ def another_run(p):
     """A training run folder of another config (more steps)."""
     from mixed_window_train.finetune import load_finetune_config
 
-    config, _ = load_finetune_config(train_config(p, _set("train.steps", 301), name="other.yaml"))
+    config, _ = load_finetune_config(train_config(p, small(_set("train.steps", 2)), name="other.yaml"))
     (p / "other").mkdir()
     write(p / "other", "config.json", config.model_dump_json(indent=2))
     return str(p / "other")
@@ -113,9 +123,9 @@ BAD = [  # (label, argv from tmp_path, exit code, what the one line says)
      2, "refers to itself"),
     ("train factors in a folder with a damaged config.yaml", lambda p: train(p, _set("factors", damaged_run_folder(p))),
      2, "config.yaml"),
-    ("train --out a user's folder", lambda p: ["train", str(train_config(p, lambda d: None)), "--out",
+    ("train --out a user's folder", lambda p: ["train", str(train_config(p, small())), "--out",
                                                user_folder(p, "mine")], 2, "holds files this command did not make"),
-    ("train --out a run of another config", lambda p: ["train", str(train_config(p, lambda d: None)), "--out",
+    ("train --out a run of another config", lambda p: ["train", str(train_config(p, small())), "--out",
                                                        another_run(p)], 2, "another config"),
     ("search name .", lambda p: ["search", str(config_with(p, _set("name", "."))), "--runs-dir", str(p / "runs")], 2,
      "name"),
@@ -251,7 +261,7 @@ def read_only_folder(tmp_path):
 def test_a_read_only_destination_is_a_fault_of_the_environment(tmp_path, capsys, command):
     with read_only_folder(tmp_path) as folder:
         out = str(folder / "out")
-        argv = {"train": ["train", str(train_config(tmp_path, lambda d: None)), "--out", out],
+        argv = {"train": ["train", str(train_config(tmp_path, small())), "--out", out],
                 "eval": ["eval", eval_config(tmp_path), "--out", out],
                 "export": ["export", str(factor_file(tmp_path)), "--to", "hf", "--model", "tiny", "--out", out],
                 "pretrain": ["pretrain", recipe(tmp_path), "--work-dir", out]}[command]
@@ -285,7 +295,7 @@ def test_a_full_disk_during_a_gguf_export_leaves_nothing(tmp_path, capsys):
 def test_a_second_train_on_a_folder_in_use_is_refused(tmp_path, capsys):
     from mixed_window_train.finetune import claimed_run_folder, load_finetune_config
 
-    path = train_config(tmp_path, lambda d: None)
+    path = train_config(tmp_path, small())
     config, _ = load_finetune_config(path)
     out = tmp_path / "runs" / "o"
     with claimed_run_folder(out, config):  # another `train --out` of this config holds it
