@@ -322,7 +322,7 @@ METRICS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0
+    new = not path.exists()
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(METRICS))
         if new:

@@ -176,9 +176,20 @@ def snapshot(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.relative_to(root).parts[0] != "cache"}
 
 
+def _too_slow(signum, frame):
+    raise TimeoutError("still running: a refusal takes seconds")
+
+
 def refused(argv, capsys, code, message, seconds=30.0) -> str:
+    """`main(argv)` exits with `code` and one line saying `message`, within `seconds` (a hang fails there)."""
+    previous = signal.signal(signal.SIGALRM, _too_slow)
+    signal.alarm(int(seconds) + 1)
     started = time.time()
-    assert main(argv) == code
+    try:
+        assert main(argv) == code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     elapsed = time.time() - started
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err, err

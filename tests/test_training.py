@@ -181,10 +181,11 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path, referen
 @pytest.mark.parametrize("damage", ["emptied", "header lost, last row torn"])
 def test_a_damaged_metrics_file_is_mended_on_resume(tmp_path, reference_curve, damage):
     """Each step once under one header, whatever a kill or a disk left of metrics.csv."""
-    tiny_training(tmp_path, stop_after=4)
+    tiny_training(tmp_path, stop_after=5)  # checkpoints at 2 and 4, rows 1 to 5: row 5 is logged again
     metrics = tmp_path / "metrics.csv"
     lines = metrics.read_text().splitlines()
-    metrics.write_text("" if damage == "emptied" else "\n".join(lines[1:]) + "\n5,0.1")
+    # a row torn inside its step number ("1" of "12,...") is what a kill during an append leaves
+    metrics.write_text("" if damage == "emptied" else "\n".join(lines[1:]) + "\n1")
     assert tiny_training(tmp_path) == (reference_curve[4:] if damage == "emptied" else reference_curve)
     assert metrics.read_text().splitlines()[0] == "step,loss,lr,grad_norm,tokens_per_s"
 
