@@ -18,7 +18,7 @@ from search import cli
 from tests.search_helpers import REPO, SMALL
 
 SEED = 15
-CASES = {"search": 80, "train": 40, "factors": 40, "eval": 40}
+CASES = {"search": 80, "train": 40, "factors": 40, "eval": 200}
 CASE_SECONDS = 60  # a case that takes longer is a hang
 ODD_VALUES = [float("nan"), float("inf"), float("-inf"), 10**12, -(10**12), 10**30, 1e308, -1, 0, 0.5, "text", "",
               [], {}, None, True, [float("nan")], [-1, "x"]]  # fmt: skip
