@@ -122,8 +122,7 @@ def load_recipe(config_path: Path, seed: int | None = None, out: str | None = No
         raise RopeSearchError(f"{source}: out: empty; name the folder the finished model goes to")
     check_haystacks(config.data.haystack, source, "data.haystack")
     work = Path(work_dir or f"{config.out}.work")
-    output.check_destination(work, "--work-dir")
-    output.check_owner(work, "--work-dir", "recipe.json", lambda saved: _same_json_recipe(saved, config))
+    output.check_destination(work, "--work-dir")  # whose it is, claimed_work_folder checks before it writes
     output.check_destination(Path(config.out), "out")
     check_model_folder(Path(config.out), config, source)
     return config, work

@@ -133,12 +133,11 @@ def _export(args) -> int:
 
 def _train(args) -> int:
     from fitness import output
-    from mixed_window_train.finetune import claimed_run_folder, finetune, load_finetune_config, same_config
+    from mixed_window_train.finetune import claimed_run_folder, finetune, load_finetune_config
 
     config, candidate = load_finetune_config(Path(args.config))
     out = Path(args.out) if args.out else _new_name(Path(args.runs_dir), config.name)
     output.check_destination(out, "--out")
-    output.check_owner(out, "--out", "config.json", lambda saved: same_config(saved, config))
     then = f"free some space or make {out} writable, then run the same command with --out {out}: it resumes"
     with output.faults(out, then), claimed_run_folder(out, config):
         print(f"training in {out} (run the same command with --out {out} to resume)", file=sys.stderr)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from typing import Annotated
 
 from fitness import output
 from fitness.config_checks import (MAX_NAME, MAX_TARGET_WINDOW, NAME_PATTERN, check_haystacks, check_model,
