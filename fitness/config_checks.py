@@ -16,6 +16,8 @@ MAX_SEED = 2**32 - 1  # what numpy's and torch's generators accept
 MAX_SCALE = 1024.0
 MAX_TARGET_WINDOW = 2**21  # 2M tokens: LongRoPE's reach; beyond it documents cannot even be built
 MAX_NAME = 100  # a run folder's name must stay a legal file name with its timestamp
+# a run's name becomes a folder's: a letter or digit first, so never ".", ".." or a hidden folder
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Sizes beyond these would not finish on any machine; refused up front rather than left to hang.
 # Keys are dotted paths in a config's data; a key a config does not have is skipped.
 LIMITS = {
@@ -95,6 +97,14 @@ def check_limits(data: dict, source: str) -> None:
         seed = _at(data, key)
         if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
             raise RopeSearchError(f"{source}: {key}: must be an integer in [0, {MAX_SEED}], got {seed}")
+
+
+def check_short_lengths(lengths: list[int] | None, window: int, source: str, key: str) -> None:
+    """General-text lengths measure what an extension costs inside the original window: beyond it they
+    would measure the long factors, and take minutes each."""
+    for length in lengths or []:  # the fields bound them below
+        if length > window:
+            raise RopeSearchError(f"{source}: {key}: {length} is beyond the model's window of {window} tokens")
 
 
 @contextmanager

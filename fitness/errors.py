@@ -1,4 +1,4 @@
-"""The one exception type a user sees: bad input, explained in one line."""
+"""The two exception types a user sees, each explained in one line by the CLI."""
 
 
 class RopeSearchError(ValueError):
@@ -6,3 +6,9 @@ class RopeSearchError(ValueError):
 
     The CLI prints its message on one line and exits with code 2; library callers get a ValueError.
     """
+
+
+class EnvironmentFault(RuntimeError):
+    """Not the input's fault (a study gone, a storage or cluster unreachable, a folder busy elsewhere, a
+    full disk, a read-only destination): the CLI prints its message, which says how to go on, on one
+    line and exits with code 1."""

@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from fitness.factors import RopeCandidate, baseline
+from fitness.factors import LENGTH_DEPENDENT, RopeCandidate, baseline
 from fitness.general_text import candidate_perplexities, perplexity
 from fitness.geometry import RopeGeometry
 from fitness.needles import NeedleSet, NeedleSettings, build_needle_set
@@ -66,10 +66,6 @@ def evaluate_methods(
                         "formats": per_format(needles, score),
                     }
     return results
-
-
-# transformers' dynamic NTK leaves inputs inside the original window unscaled: rebuilt at the short length
-LENGTH_DEPENDENT = {"dynamic_ntk"}
 
 
 def short_text_costs(

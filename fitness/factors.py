@@ -6,17 +6,15 @@ has one entry per frequency pair, and the rescaled inverse frequency is `theta_i
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fitness.config_io import validation_message
+from fitness.config_io import read_data, validation_message
 from fitness.errors import RopeSearchError
 from fitness.geometry import RopeGeometry
 
@@ -75,11 +73,14 @@ class RopeCandidate(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> RopeCandidate:
+        """A factor file: JSON, or YAML by its name (.yaml, .yml), read with bounds; numbers must be numbers."""
         path = Path(path)
+        if not path.exists():
+            raise RopeSearchError(f"{path}: no such factor file")
+        data = read_data(path, "factor file", as_json=path.suffix not in (".yaml", ".yml"))
+        _numbers_only(data, path)
         try:
-            return cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise RopeSearchError(f"{path}: no such factor file") from None
+            return cls.model_validate(data)
         except ValidationError as err:
             raise RopeSearchError(f"{path}: {validation_message(err)}") from None
 
@@ -101,18 +102,9 @@ class RopeCandidate(BaseModel):
                     raise RopeSearchError(f"{short}: searched for other long factors than {factors} holds")
                 candidate = _extends(with_short, short)
             if (source / "config.yaml").exists():  # provenance: the search config travels with the factors
-                config = yaml.safe_load((source / "config.yaml").read_text())
+                config = read_data(source / "config.yaml", "run config")
                 candidate = candidate.model_copy(update={"params": {**candidate.params, "search_config": config}})
             return candidate
-        if source.is_file():
-            _numbers_only(_parse(source), source)
-        if source.suffix in (".yaml", ".yml") and source.is_file():
-            try:
-                return _extends(cls.model_validate(yaml.safe_load(source.read_text())), source)
-            except RopeSearchError:
-                raise
-            except Exception as err:
-                raise RopeSearchError(f"{source}: not a factor file ({' '.join(str(err).split())[:200]})") from None
         return _extends(cls.load(source), source)
 
 
@@ -141,14 +133,6 @@ def _extends(candidate: RopeCandidate, source: Path) -> RopeCandidate:
             "(factors extend a window; they cannot shrink it)"
         )
     return candidate
-
-
-def _parse(source: Path):
-    text = source.read_text()
-    try:
-        return yaml.safe_load(text) if source.suffix in (".yaml", ".yml") else json.loads(text)
-    except (ValueError, yaml.YAMLError):
-        return None  # the candidate type's own parser says what is wrong
 
 
 def make_candidate(
@@ -381,3 +365,37 @@ def check_geometry(candidate: RopeCandidate, geometry: RopeGeometry, source: str
             raise RopeSearchError(
                 f"{source}: made for {field}={getattr(mine, field)}, but the model has {field}={getattr(geometry, field)}"
             )
+
+
+# transformers' dynamic NTK rescales by each input's own length (and leaves inputs inside the original
+# window unscaled): no single vector, so no export, deploys it
+LENGTH_DEPENDENT = {"dynamic_ntk"}
+
+
+def deployed_baseline(name: str, geometry: RopeGeometry, target_window: int) -> RopeCandidate:
+    """A baseline as an engine deploys it for `target_window` tokens: the same factors and attention factor
+    at every length, as transformers' `rope_type: yarn` (or linear, llama3...) applies them. Its short
+    factors are its long ones, so a longrope export of it computes exactly that at every length."""
+    if name in LENGTH_DEPENDENT:
+        raise RopeSearchError(f"{name} rescales by each input's length; no factor vector deploys it "
+                              f"(compare it under `methods:` in `ropesearch eval`)")
+    candidate = baseline(name, geometry, target_window)
+    return make_candidate(geometry, target_window, candidate.long_factors, static=True,
+                          attention_factor=candidate.attention_factor, method=candidate.method,
+                          params={**candidate.params, "deployed": "static"})
+
+
+def factors_from(value: str, geometry: RopeGeometry, target_window: int | None) -> RopeCandidate:
+    """What a config's `factors:` names: a method (`yarn`, `pi`, ...; a name wins over a file of that name,
+    write ./yarn for the file), deployed for `target_window`, or a factor file or run folder, which must
+    be for `geometry` (and, where `target_window` is given, for that target)."""
+    if value in BASELINES:
+        if target_window is None:
+            raise RopeSearchError(f"the method {value!r} needs a target: give scale or target_window")
+        return deployed_baseline(value, geometry, target_window)
+    candidate = RopeCandidate.from_source(value)
+    check_geometry(candidate, geometry, source=value)
+    if target_window is not None and candidate.target_window != target_window:
+        raise RopeSearchError(f"{value} was made for {candidate.target_window} tokens, not the target "
+                              f"{target_window}; leave scale and target_window out, or give its own")
+    return candidate

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from html.parser import HTMLParser
 from pathlib import Path
 
+from fitness.config_io import read_text
 from fitness.errors import RopeSearchError
 
 SENTENCE_END = re.compile(r"(?<=[.!?:;])(?=\s)|(?=\n)")
@@ -105,26 +106,30 @@ def _idle_texts() -> list[str]:
 BUILTIN_HAYSTACKS = {"pydoc": _pydoc_texts, "docstrings": _docstring_texts, "idle": _idle_texts}
 
 
+MAX_HAYSTACK_BYTES = 2**30  # 1 GiB of text: far more than any search or training here reads
+
+
 def _file_texts(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".jsonl") and p.is_file())
         if not files:
             raise RopeSearchError(f"haystack folder {path} has no .txt, .md or .jsonl files")
         return [text for f in files for text in _file_texts(f)]
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise RopeSearchError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from None
-        return texts
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError:
-        raise RopeSearchError(f"haystack file {path} is not UTF-8 text") from None
+    try:  # a device such as /dev/zero, or a pipe, is refused: it never ends
+        text = read_text(path, "haystack file", MAX_HAYSTACK_BYTES)
+    except RopeSearchError as err:
+        raise RopeSearchError(f"haystack file {err}") from None
+    if path.suffix != ".jsonl":
+        return [text]
+    texts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RopeSearchError(f"{path}:{number}: each line must be a JSON object with a 'text' field") from None
+    return texts
 
 
 def haystack_texts(sources: list[str]) -> list[str]:
@@ -138,6 +143,8 @@ def haystack_texts(sources: list[str]) -> list[str]:
             raise RopeSearchError(
                 f"haystack {source!r}: no such file or folder (built in: {', '.join(BUILTIN_HAYSTACKS)})"
             )
+        if sum(map(len, texts)) > MAX_HAYSTACK_BYTES:
+            raise RopeSearchError(f"haystack {sources}: more than {MAX_HAYSTACK_BYTES} characters; name fewer files")
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise RopeSearchError(f"haystack {sources} is empty")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -87,6 +88,13 @@ class NeedleSettings(BaseModel):
     def _templates_have_slots(self) -> "NeedleSettings":
         for name in ("needle_template", "question_template"):
             template = getattr(self, name)
+            try:
+                slots = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+            except ValueError as err:
+                raise ValueError(f"{name}: {err} (write a literal brace as {{{{ or }}}})") from None
+            if slots - {"key", "value"}:
+                raise ValueError(f"{name} has slots {sorted(slots - {'key', 'value'})}; only {{key}} and {{value}} "
+                                 f"are filled (write a literal brace as {{{{ or }}}})")
             if "{key}" not in template or "{value}" not in template:
                 raise ValueError(f"{name} needs both a {{key}} and a {{value}} (answer) slot")
         if not self.question_template.rstrip().endswith("{value}"):

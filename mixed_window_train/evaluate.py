@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import gc
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from fitness.evaluation import per_format
 from fitness.factors import RopeCandidate
 from fitness.general_text import perplexity
 from fitness.hf_config import write_longrope_config
@@ -40,20 +42,25 @@ def _release(model) -> None:
         torch.cuda.empty_cache()
 
 
+def _needles(model, needles: NeedleSet) -> dict:
+    """Needle PPL and retrieval over all documents and per needle format (the held-out formats compared)."""
+    score = score_model(model, needles)
+    return {"needle_ppl": score.fitness, "retrieval": score.retrieval, "formats": per_format(needles, score)}
+
+
 def score_exported(
-    settings: ModelSettings, long_needles: NeedleSet, window_needles: NeedleSet | None, windows: dict[int, torch.Tensor]
+    settings: ModelSettings, long_needles: NeedleSet, window_needles: NeedleSet, windows: dict[int, torch.Tensor]
 ) -> dict:
-    """Needle PPL/retrieval at the target length (and at the original window, if given) and general-text
-    perplexity at each short length, for one model directory, loaded alone."""
+    """Needle PPL/retrieval at the target length and at the original window, overall and per format, and
+    general-text perplexity at each short length, for one model directory, loaded alone."""
     on_gpu = torch.cuda.is_available() and settings.resolved_device().startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # this model's peak, not the training's
     model, _ = load_model(settings)
     try:
-        needle = score_model(model, long_needles)
-        row = {"needle_ppl": needle.fitness, "retrieval": needle.retrieval}
-        if window_needles is not None:
-            row["needle_ppl_in_window"] = score_model(model, window_needles).fitness
+        row = _needles(model, long_needles)
+        inside = _needles(model, window_needles)
+        row.update({f"{key}_in_window": value for key, value in inside.items()})
         row["short_ppl"] = {str(length): perplexity(model, ids) for length, ids in windows.items()}
         if on_gpu:
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -74,18 +81,18 @@ def compare_exports(
     """The three rows of the result table, on the same held-out needles and general text."""
     device = base.resolved_device()
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    base_factors_dir = export_base_with_factors(base, candidate, work_dir / "base-with-factors")
-    rows = {
-        BASE: (base.model_copy(update={"dtype": dtype}), window_needles),
-        BASE_FACTORS: (ModelSettings(name=str(base_factors_dir), dtype=dtype, device=device), None),
-        TRAINED: (ModelSettings(name=str(trained_dir), dtype=dtype, device=device), None),
-    }
-    result = {}
+    scratch = Path(tempfile.mkdtemp(prefix=".base-with-factors.", suffix=".tmp", dir=work_dir))
     try:
-        for name, (settings, in_window) in rows.items():
-            result[name] = score_exported(settings, long_needles, in_window, windows)
+        base_factors_dir = export_base_with_factors(base, candidate, scratch)
+        rows = {
+            BASE: base.model_copy(update={"dtype": dtype}),
+            BASE_FACTORS: ModelSettings(name=str(base_factors_dir), dtype=dtype, device=device),
+            TRAINED: ModelSettings(name=str(trained_dir), dtype=dtype, device=device),
+        }
+        result = {name: score_exported(settings, long_needles, window_needles, windows)
+                  for name, settings in rows.items()}
     finally:
-        shutil.rmtree(base_factors_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     base_short = result[BASE]["short_ppl"]
     for row in result.values():
         row["short_cost"] = {n: row["short_ppl"][n] / base_short[n] - 1 for n in base_short}
@@ -103,4 +110,13 @@ def format_comparison(result: dict, target: int, window: int) -> str:
         lines.append(line)
     lines.append(f"(base model's own needle PPL @{window}: {result[BASE]['needle_ppl_in_window']:.4g}; "
                  "text: general English the project never trains or searches on)")  # fmt: skip
+    formats = list(result[BASE]["formats"])
+    if len(formats) > 1:
+        for key, length in (("formats", target), ("formats_in_window", window)):
+            lines.append(f"needle PPL (retrieval) by format @{length}")
+            lines.append(f"{'':<26}" + "".join(f"{name:>20}" for name in formats))
+            for name, row in result.items():
+                cells = [row[key][f] for f in formats]
+                lines.append(f"{name:<26}" + "".join(f"{c['needle_ppl']:>13.4g} ({c['retrieval']:>4.0%})"
+                                                     for c in cells))
     return "\n".join(lines)

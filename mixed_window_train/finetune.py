@@ -1,23 +1,28 @@
-"""`ropesearch train CONFIG`: the mixed short/long-window fine-tune that takes the searched factors.
+"""`ropesearch train CONFIG`: the mixed short/long-window fine-tune that takes the searched factors, or
+a baseline method as engines deploy it (the control the searched factors are compared with).
 
-The searched candidate is applied once, for the whole run; per row, the rotary module picks the
-long factors for long documents and the short ones (the short stage's searched factors, or the
-original frequencies where a candidate has none, with the candidate's attention factor: exactly what
-the exported config applies to short inputs) for packed short documents. The result is an HF model directory written through the export path.
+The candidate is applied once, for the whole run; per row, the rotary module picks the long factors
+for long documents and the short ones (the short stage's searched factors, the original frequencies
+where a candidate has none, or a deployed method's own factors), with the candidate's attention
+factor, for packed short documents: exactly what the exported config applies to short inputs. The
+result is an HF model directory written through the export path.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fitness import output
+from fitness.config_checks import (MAX_NAME, MAX_SCALE, MAX_TARGET_WINDOW, NAME_PATTERN, check_haystacks, check_model,
+                                   check_short_lengths, naming)
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
-from fitness.factors import RopeCandidate, check_geometry
+from fitness.factors import RopeCandidate, factors_from
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name, save_hf_model
@@ -36,48 +41,73 @@ class EvaluationSettings(BaseModel):
         default_factory=lambda: NeedleSettings(haystack=["docstrings"], seed=2000, documents=32)
     )
     short_windows: int = Field(default=16, gt=0, le=4096)  # general-text windows per short length
-    # short lengths for general-text perplexity; None: a quarter of the original window and the window itself
-    short_lengths: list[int] | None = Field(default=None, min_length=1)
+    # short lengths for general-text perplexity, inside the original window; None: a quarter of the
+    # window and the window itself
+    short_lengths: list[Annotated[int, Field(gt=1)]] | None = Field(default=None, min_length=1)
 
 
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="mixed", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(default="mixed", pattern=NAME_PATTERN, max_length=MAX_NAME)
     model: ModelSettings = Field(default_factory=ModelSettings)
-    factors: str  # a factor file or a search run folder
+    # a factor file, a search run folder, or a method name (yarn, pi, ntk, critical_ntk, ...): the method
+    # as engines deploy it for the target, its factors and attention factor at every length
+    factors: str = Field(min_length=1)
+    # the target: needed with a method name (one of the two); with a factor file, left out or its own
+    scale: float | None = Field(default=None, gt=1, le=MAX_SCALE)
+    target_window: int | None = Field(default=None, gt=0, le=MAX_TARGET_WINDOW)
     data: MixedData = Field(default_factory=MixedData)
     train: TrainSettings
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
+    def target(self, original_window: int) -> int | None:
+        return self.target_window or (int(round(original_window * self.scale)) if self.scale else None)
+
 
 def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandidate]:
-    """Validate config, sizes, model, haystacks and factors before anything is written."""
-    from fitness.config_io import read_yaml
-    from fitness.config_checks import MAX_NAME, MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits
-    from fitness.config_checks import check_model, naming
-
+    """Validate config, sizes, model, haystacks, lengths and factors before anything is written."""
     source = str(config_path)
-    check_finite(read_yaml(config_path), source)
     config = load_yaml(config_path, FinetuneConfig)
-    check_limits(config.model_dump(), source)
-    if len(config.name) > MAX_NAME:
-        raise RopeSearchError(f"{source}: name: longer than {MAX_NAME} characters")
     check_model(config.model, source)
+    with naming(source, "model.name"):
+        geometry = geometry_from_config(load_config(config.model.name))
+    window = geometry.original_window
     check_haystacks(config.data.haystack, source, "data.haystack")
     check_haystacks(config.evaluation.needles.haystack, source, "evaluation.needles.haystack")
+    if config.scale is not None and config.target_window is not None:
+        raise RopeSearchError(f"{source}: scale, target_window: give one of them, not both")
+    target = config.target(window)
+    if target is not None and not window < target <= MAX_TARGET_WINDOW:
+        key = "scale" if config.scale is not None else "target_window"
+        raise RopeSearchError(f"{source}: {key}: a target of {target} tokens must lie in ({window}, "
+                              f"{MAX_TARGET_WINDOW}]: beyond the model's window")
     with naming(source, "factors"):
-        candidate = RopeCandidate.from_source(config.factors)
-        check_geometry(candidate, geometry_from_config(load_config(config.model.name)), source=config.factors)
+        candidate = factors_from(config.factors, geometry, target)
     if candidate.target_window > MAX_TARGET_WINDOW:
         raise RopeSearchError(f"{source}: factors: target window {candidate.target_window} > {MAX_TARGET_WINDOW}")
+    if config.data.short_min > window:
+        raise RopeSearchError(f"{source}: data.short_min: {config.data.short_min} is above the model's window "
+                              f"{window}, the most a short document holds")
+    check_short_lengths(config.evaluation.short_lengths, window, source, "evaluation.short_lengths")
     return config, candidate
 
 
+def same_config(saved: str, config: FinetuneConfig) -> bool:
+    """Whether a run folder's config.json is this config (an older release's, with fewer keys, counts)."""
+    return FinetuneConfig.model_validate_json(saved).model_dump() == config.model_dump()
+
+
+def claimed_run_folder(out_dir: Path, config: FinetuneConfig):
+    """The training's folder, new or a run of this config to resume, locked while it trains."""
+    return output.claimed_folder(out_dir, "--out", "training", "config.json", config.model_dump_json(indent=2),
+                                 lambda saved: same_config(saved, config))
+
+
 def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, stop_after: int | None = None) -> dict:
-    """Train in `out_dir` (resumable), then write `out_dir/model` and `out_dir/evaluation.json`."""
+    """Train in `out_dir` (resumable; `ropesearch train` claims and locks it first), then write
+    `out_dir/model` and `out_dir/evaluation.json`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(config.model_dump_json(indent=2))
     model, tokenizer = load_model(config.model)
     geometry = geometry_from_config(model.config)
     batches = MixedBatches(tokenizer, config.data, geometry.original_window, candidate.target_window,
@@ -93,8 +123,9 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     if result["step"] < config.train.steps:
         return result  # stopped early (a test's simulated crash): resume with the same call
 
-    save_hf_model(model, tokenizer, out_dir / "model")
-    write_longrope_config(out_dir / "model", candidate)
+    with output.rebuilt_folder(out_dir / "model") as staging:
+        save_hf_model(model, tokenizer, staging)
+        write_longrope_config(staging, candidate)
     result["machine"] = machine_name(next(model.parameters()).device)
     del model, teacher  # the evaluation loads one exported model at a time
 
@@ -109,21 +140,6 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     result["evaluation_seconds"] = time.time() - started
     result["evaluation"] = comparison
     result["table"] = format_comparison(comparison, candidate.target_window, window)
-    tmp = out_dir / "evaluation.json.tmp"
-    tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
-    os.replace(tmp, out_dir / "evaluation.json")
+    payload = {k: v for k, v in result.items() if k != "table"}
+    output.write_atomic(out_dir / "evaluation.json", json.dumps(payload, indent=2, default=str))
     return result
-
-
-def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
-    """An existing folder is resumed only if it was made by the same config; a file is never one."""
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not existing.is_dir():
-        raise RopeSearchError(f"--out {out_dir}: {existing} is a file, not a folder; choose another --out")
-    saved = out_dir / "config.json"
-    try:
-        same = not saved.exists() or json.loads(saved.read_text()) == json.loads(config.model_dump_json())
-    except (ValueError, OSError):
-        same = False
-    if not same:
-        raise RopeSearchError(f"{out_dir} holds a run of another config; choose another --out")

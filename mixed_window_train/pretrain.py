@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fitness import output
 from fitness.config_io import read_yaml, validate
 from fitness.errors import RopeSearchError
 from fitness.factors import baseline
@@ -49,6 +51,13 @@ class ArchitectureSettings(BaseModel):
     head_dim: int = Field(default=64, gt=0)
     intermediate_size: int = Field(default=512, gt=0)
     rope_theta: float = Field(default=10000.0, gt=1)
+
+    @field_validator("head_dim")
+    @classmethod
+    def _pairs(cls, head_dim: int) -> int:
+        if head_dim % 2:
+            raise ValueError(f"must be even: RoPE rotates pairs of dimensions, got {head_dim}")
+        return head_dim
 
 
 class PretrainData(BaseModel):
@@ -113,10 +122,56 @@ def load_recipe(config_path: Path, seed: int | None = None, out: str | None = No
         raise RopeSearchError(f"{source}: out: empty; name the folder the finished model goes to")
     check_haystacks(config.data.haystack, source, "data.haystack")
     work = Path(work_dir or f"{config.out}.work")
-    for label, path in (("out", Path(config.out)), ("--work-dir", work)):
-        if path.exists() and not path.is_dir():
-            raise RopeSearchError(f"{source}: {label} {path}: is a file, not a folder")
+    output.check_destination(work, "--work-dir")  # whose it is, claimed_work_folder checks before it writes
+    output.check_destination(Path(config.out), "out")
+    check_model_folder(Path(config.out), config, source)
     return config, work
+
+
+def same_recipe(saved: PretrainConfig, config: PretrainConfig) -> bool:
+    """Whether a saved recipe trains the same model (where the model goes aside)."""
+    return saved.model_dump(exclude={"out"}) == config.model_dump(exclude={"out"})
+
+
+def _same_json_recipe(text: str, config: PretrainConfig) -> bool:
+    return same_recipe(PretrainConfig.model_validate_json(text), config)
+
+
+def check_model_folder(out: Path, config: PretrainConfig, source: str) -> None:
+    """The finished model goes to a new (or empty) folder, or to one that holds this recipe (recipe.yaml, as
+    models/tiny-llama does): the model this recipe made, made again. Any other model is never replaced."""
+    if out.exists() and not out.is_dir():
+        raise RopeSearchError(f"{source}: out {out}: is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    recipe = out / "recipe.yaml"
+    try:
+        ours = recipe.is_file() and same_recipe(validate(read_yaml(recipe), PretrainConfig, ""), config)
+    except RopeSearchError:
+        ours = False
+    if not ours:
+        raise RopeSearchError(f"{source}: out {out}: holds something other than this recipe's model (no "
+                              f"recipe.yaml of this recipe); choose another out or --out")
+
+
+def claimed_work_folder(work: Path, config: PretrainConfig):
+    """The work folder, new or this recipe's to resume, locked while it trains."""
+    return output.claimed_folder(work, "--work-dir", "pretraining", "recipe.json", config.model_dump_json(indent=2),
+                                 lambda saved: _same_json_recipe(saved, config))
+
+
+def publish_model(model, tokenizer, config: PretrainConfig) -> Path:
+    """The finished model into `config.out`: a new folder appears whole, with the recipe that made it; in a
+    folder of this recipe each of the model's files is replaced atomically and the rest is kept."""
+    out = Path(config.out)
+    if out.is_dir() and any(out.iterdir()):
+        with output.files_into(out) as staging:
+            save_hf_model(model, tokenizer, staging)
+        return out
+    with output.new_output(out, "out") as staging:
+        save_hf_model(model, tokenizer, staging)
+        (staging / "recipe.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return out
 
 
 def train_tokenizer(config: PretrainConfig, out: Path):
@@ -228,14 +283,14 @@ def evaluate_model(model, tokenizer, window: int, documents: int, seed: int, hay
 def pretrain(config: PretrainConfig, work_dir: Path, stop_after: int | None = None) -> dict:
     """Train in `work_dir` (resumable), then write the finished model to `config.out`."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "recipe.json").write_text(config.model_dump_json(indent=2))
     tokenizer_dir = work_dir / "tokenizer"
     if (tokenizer_dir / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = train_tokenizer(config, tokenizer_dir)
+        with output.rebuilt_folder(tokenizer_dir) as staging:  # whole or not at all: a kill mid-save is redone
+            tokenizer = train_tokenizer(config, staging)
     model = build_model(config, len(tokenizer))
     batches = PretrainBatches(config, tokenizer)
 
@@ -255,5 +310,5 @@ def pretrain(config: PretrainConfig, work_dir: Path, stop_after: int | None = No
     result["seconds"] = time.time() - started
     if stop_after is not None and result["step"] < config.train.steps and not result["converged"]:
         return result
-    save_hf_model(model, tokenizer, Path(config.out))
+    publish_model(model, tokenizer, config)
     return result

@@ -8,6 +8,7 @@ arguments, so the data position is just the step number and a resumed run sees t
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import random
@@ -19,8 +20,10 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
+
+from fitness.output import atomic_file, write_atomic
 
 
 class TrainSettings(BaseModel):
@@ -41,7 +44,20 @@ class TrainSettings(BaseModel):
     checkpoint_every: int = Field(default=200, gt=0)
     eval_every: int = Field(default=0, ge=0)  # 0: only at the end
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas):
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"each of AdamW's betas must lie in [0, 1), got {list(betas)}")
+        return betas
+
+    @model_validator(mode="after")
+    def _schedule_descends(self) -> "TrainSettings":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr}): the cosine schedule descends to it")
+        return self
 
 
 @dataclass
@@ -152,7 +168,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class Checkpoints:
-    """`step_XXXXXXX.pt` files in a folder, written atomically; the newest one is the resume point."""
+    """`step_XXXXXXX.pt` files in a folder, written atomically; the newest one that loads is the resume point."""
 
     def __init__(self, folder: Path, keep: int = 2):
         self.folder, self.keep = Path(folder), keep
@@ -161,12 +177,23 @@ class Checkpoints:
         found = sorted(self.folder.glob("step_*.pt"))
         return found[-1] if found else None
 
+    def resume_point(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its state. One a disk damaged (a torn or emptied file) is
+        passed over, with a line saying so: the one before it holds a few steps less, not nothing."""
+        for path in sorted(self.folder.glob("step_*.pt"), reverse=True):
+            try:
+                return path, load_checkpoint(path)
+            except Exception as err:  # torch raises whatever its unpickler or zip reader meets
+                logging.getLogger("ropesearch").warning(
+                    "checkpoint %s does not load (%s); resuming from an older one", path,
+                    " ".join(str(err).split())[:120])
+        return None
+
     def save(self, state: dict, step: int) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step_{step:07d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint behind
+        with atomic_file(path) as tmp:  # a crash mid-write never leaves a torn checkpoint behind
+            torch.save(state, tmp)
         for old in sorted(self.folder.glob("step_*.pt"))[: -self.keep]:
             old.unlink()
         return path
@@ -202,8 +229,8 @@ def train(
         model.gradient_checkpointing_enable()
     checkpoints = Checkpoints(out_dir / "checkpoints")
     start, last_metrics = 0, {}
-    if (latest := checkpoints.latest()) is not None:
-        state = load_checkpoint(latest)
+    if (resume := checkpoints.resume_point()) is not None:
+        _, state = resume
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
@@ -214,7 +241,7 @@ def train(
         np.random.seed(settings.seed)
 
     metrics_path = out_dir / "metrics.csv"
-    _truncate_csv(metrics_path, start)
+    _keep_rows_until(metrics_path, start)
     writer = _tensorboard(out_dir)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
 
@@ -291,23 +318,38 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
+METRICS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
+
+
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer = csv.DictWriter(handle, fieldnames=list(METRICS))
         if new:
             writer.writeheader()
         writer.writerow(row)
 
 
-def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows past the resume point: they were logged after the checkpoint a crash fell back to."""
+def _metric_rows(path: Path) -> list[dict]:
+    """The whole rows of metrics.csv: a header lost or a last line torn by a kill is passed over."""
+    rows = []
+    with path.open(newline="") as handle:
+        for cells in csv.reader(handle):
+            if len(cells) != len(METRICS):
+                continue
+            try:
+                values = [int(cells[0])] + [float(cell) for cell in cells[1:]]
+            except ValueError:  # the header, or a torn line
+                continue
+            rows.append({**dict(zip(METRICS, cells)), "step": values[0]})
+    return rows
+
+
+def _keep_rows_until(path: Path, step: int) -> None:
+    """Rewrite metrics.csv (atomically) with its header and the rows up to the resume point: rows past it
+    were logged after the checkpoint a crash fell back to, and are logged again."""
     if not path.exists():
         return
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    with path.open("w", newline="") as handle:
-        if rows:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(r for r in rows if int(r["step"]) <= step)
+    lines = [",".join(METRICS)] + [",".join(str(row[key]) for key in METRICS) for row in _metric_rows(path)
+                                   if row["step"] <= step]
+    write_atomic(path, "\n".join(lines) + "\n")

@@ -76,26 +76,43 @@ def _status(args) -> int:
 
 
 def _eval(args) -> int:
-    from search.evaluate import format_table, load_eval_config, run_eval
+    from fitness import output
+    from search.evaluate import eval_output, format_table, load_eval_config, run_eval
 
     config, candidates = load_eval_config(Path(args.config))
-    out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    payload = run_eval(config, candidates, out)
+    out = Path(args.out) if args.out else _new_name(Path(args.runs_dir), config.name)
+    with output.faults(out, "nothing was written; free some space or choose another --out, then evaluate again"):
+        with eval_output(out) as staging:
+            payload = run_eval(config, candidates, staging)
     print(format_table(payload["results"], payload.get("short_text"), payload.get("ruler")))
     print(f"written: {out / 'eval.json'}, {out / 'eval.png'}" + (f", {out / 'ruler.png'}" if "ruler" in payload else ""))
     return 0
 
 
+def _new_name(parent: Path, name: str) -> Path:
+    """`parent/name-time`, with a suffix if a folder of that name exists already."""
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, suffix = parent / stamp, 1
+    while path.exists():
+        suffix += 1
+        path = parent / f"{stamp}-{suffix}"
+    return path
+
+
 def _pretrain(args) -> int:
-    from mixed_window_train.pretrain import load_recipe, pretrain
+    from fitness import output
+    from mixed_window_train.pretrain import claimed_work_folder, load_recipe, pretrain
 
     config, work = load_recipe(Path(args.config), seed=args.seed, out=args.out, work_dir=args.work_dir)
-    result = pretrain(config, work)
+    then = f"free some space or make it writable, then run the same command: it resumes from {work}"
+    with output.faults(work, then), claimed_work_folder(work, config):
+        result = pretrain(config, work)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
 
 def _export(args) -> int:
+    from fitness import output
     from search.export import EXPORTERS, read_source
 
     candidate = read_source(Path(args.source))
@@ -104,25 +121,30 @@ def _export(args) -> int:
         raise RopeSearchError("--model is needed: the factors do not name the model they were searched on")
     default_out = {"hf": "exported-hf", "gguf": "exported.gguf", "json": "factors.json", "yaml": "factors.yaml"}
     out = Path(args.out or default_out[args.to])
-    if out.exists() or not out.parent.is_dir():
-        why = "exists; choose another or remove it" if out.exists() else f"its folder {out.parent} does not exist"
-        raise RopeSearchError(f"--out {out}: {why}")
+    if not out.parent.is_dir():
+        raise RopeSearchError(f"--out {out}: its folder {out.parent} does not exist")
+    output.check_destination(out, "--out")
+    output.refuse_existing(out, "--out")
     kwargs = (
         {"config_only": args.config_only} if args.to == "hf" else {"static": args.static} if args.to == "gguf" else {}
     )
-    written = EXPORTERS[args.to](candidate, model, out, **kwargs)
+    with output.faults(out, "nothing was written; free some space or choose another --out, and export again"):
+        written = EXPORTERS[args.to](candidate, model, out, **kwargs)
     print(f"written: {written}")
     return 0
 
 
 def _train(args) -> int:
-    from mixed_window_train.finetune import check_out_dir, finetune, load_finetune_config
+    from fitness import output
+    from mixed_window_train.finetune import claimed_run_folder, finetune, load_finetune_config
 
     config, candidate = load_finetune_config(Path(args.config))
-    out = Path(args.out) if args.out else Path(args.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_out_dir(out, config)
-    print(f"training in {out} (run the same command with --out {out} to resume)", file=sys.stderr)
-    result = finetune(config, candidate, out, stop_after=args.stop_after)
+    out = Path(args.out) if args.out else _new_name(Path(args.runs_dir), config.name)
+    output.check_destination(out, "--out")
+    then = f"free some space or make {out} writable, then run the same command with --out {out}: it resumes"
+    with output.faults(out, then), claimed_run_folder(out, config):
+        print(f"training in {out} (run the same command with --out {out} to resume)", file=sys.stderr)
+        result = finetune(config, candidate, out, stop_after=args.stop_after)
     if "table" in result:
         print(result["table"])
         print(f"model: {out / 'model'}  evaluation: {out / 'evaluation.json'}")
@@ -261,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ropesearch: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Exception as err:  # a fault of the environment (storage, disk): one line, and how to go on
-        from search.storage import EnvironmentFault
+        from fitness.errors import EnvironmentFault
 
         message = str(err) if isinstance(err, EnvironmentFault) else fault_message(err, getattr(args, "run_dir", None))
         if message is None:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.config_checks import MAX_NAME, MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW
+from fitness.config_checks import MAX_NAME, MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW, NAME_PATTERN
 from fitness.factors import BASELINES
 from fitness.models import ModelSettings
 from fitness.needles import NeedleSettings
@@ -75,7 +75,7 @@ def _holdout_default(data: dict) -> NeedleSettings:
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="search", pattern=r"^[A-Za-z0-9_.-]+$", max_length=MAX_NAME)
+    name: str = Field(default="search", pattern=NAME_PATTERN, max_length=MAX_NAME)
     model: ModelSettings = Field(default_factory=ModelSettings)
     scale: float | None = Field(default=None, gt=1, le=MAX_SCALE)
     target_window: int | None = Field(default=None, gt=0, le=MAX_TARGET_WINDOW)

@@ -1,21 +1,26 @@
-"""`ropesearch eval CONFIG`: needle PPL and retrieval against length for baselines and factor files."""
+"""`ropesearch eval CONFIG`: needle PPL and retrieval against length, the RULER-style suite, and the
+general-text cost inside the window, for baselines, factor files, method names and model directories."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.config_io import load_yaml, read_yaml
+from fitness import output
+from fitness.config_checks import (MAX_NAME, MAX_TARGET_WINDOW, NAME_PATTERN, check_haystacks, check_model,
+                                   check_short_lengths, naming)
+from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, per_format, short_text_costs
 from fitness.general_text import general_windows, perplexity
-from fitness.factors import BASELINES, RopeCandidate, check_geometry
+from fitness.factors import BASELINES, RopeCandidate, factors_from
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, load_tokenizer, machine_name
-from fitness.needles import NeedleSettings, build_needle_set, haystack_texts, tokenizer_fingerprint
+from fitness.needles import NeedleSettings, build_needle_set, tokenizer_fingerprint
 from fitness.ruler import RULER_TASKS, RulerResults, RulerSettings, build_suite, evaluate_ruler
 from fitness.scoring import score_model
 from search.report import format_table_by_format, plot_lengths, plot_ruler, ruler_tables, short_text_table
@@ -24,17 +29,21 @@ from search.report import format_table_by_format, plot_lengths, plot_ruler, rule
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="eval", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(default="eval", pattern=NAME_PATTERN, max_length=MAX_NAME)
     model: ModelSettings = Field(default_factory=ModelSettings)
     needles: NeedleSettings = Field(default_factory=NeedleSettings)
-    multiples: list[float] = Field(default_factory=lambda: [1, 2, 4])  # of the original window
+    multiples: list[float] = Field(default_factory=lambda: [1, 2, 4], min_length=1)  # of the original window
+    # each rebuilt for every evaluated length (YaRN at 2x uses s = 2), as a user would configure it per length
     methods: list[str] = Field(default_factory=lambda: ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"])
-    factors: dict[str, str] = Field(default_factory=dict)  # label: factor file or run folder
+    # label: a factor file, a run folder, or a method name. A method here is the one deployment built for
+    # the longest evaluated length, the same factors and attention factor at every length (as a fine-tune
+    # with `factors: yarn` ships it), unlike `methods:`, which rebuilds it for each length.
+    factors: dict[str, str] = Field(default_factory=dict)
     candidates_per_forward: int = Field(default=4, gt=0)
     documents_per_forward: int = Field(default=1, gt=0)
     # general English text inside the original window, under each method as deployed for the longest
     # length: what the extension costs short prompts. None: a quarter of the window and the window.
-    short_lengths: list[int] | None = Field(default=None, min_length=1)
+    short_lengths: list[Annotated[int, Field(gt=1)]] | None = Field(default=None, min_length=1)
     short_windows: int = Field(default=8, ge=0, le=4096)  # 0: no short-text evaluation
     # label: a model directory (a fine-tune's `model/`, an export), run as transformers loads it: its own
     # config.json's RoPE, no candidate applied; a row of every table beside the methods
@@ -48,6 +57,8 @@ class EvalConfig(BaseModel):
             raise ValueError(f"unknown methods {unknown}; known: {list(BASELINES)}")
         if any(m <= 0 for m in self.multiples):
             raise ValueError("multiples must be positive")
+        if not self.methods and not self.factors and not self.models:
+            raise ValueError("methods, factors and models are all empty: nothing to evaluate")
         return self
 
     @model_validator(mode="after")
@@ -79,22 +90,25 @@ def format_table(results: dict, short_text: dict | None = None, ruler: dict | No
 
 
 def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandidate]]:
-    """The eval config and its factor files, validated once before anything runs: finite numbers, the
-    schema, the model's geometry, the haystacks, every factor file, sizes and the model's files."""
-    from fitness.config_checks import check_finite, check_limits, check_model
-
+    """The eval config and its factors, validated once before anything runs: finite numbers, the schema,
+    sizes, the model's files and geometry, the lengths, the haystacks, every factor file or method."""
     source = str(config_path)
-    check_finite(read_yaml(config_path), source)
     config = load_yaml(config_path, EvalConfig)
-    geometry = geometry_from_config(load_config(config.model.name))
-    haystack_texts(config.needles.haystack)
-    candidates = {}
-    for label, path in config.factors.items():
-        candidates[label] = RopeCandidate.from_source(path)  # a factor file or a run folder
-        check_geometry(candidates[label], geometry, source=path)
-    check_limits(config.model_dump(), source)
     check_model(config.model, source)
-    check_models_and_ruler(config, geometry.original_window, source)
+    with naming(source, "model.name"):
+        geometry = geometry_from_config(load_config(config.model.name))
+    window = geometry.original_window
+    longest = max(int(round(window * m)) for m in config.multiples)
+    if not 1 < longest <= MAX_TARGET_WINDOW:
+        raise RopeSearchError(f"{source}: multiples: the longest length, {longest} tokens, must lie in "
+                              f"[2, {MAX_TARGET_WINDOW}]")
+    check_short_lengths(config.short_lengths, window, source, "short_lengths")
+    check_haystacks(config.needles.haystack, source, "needles.haystack")
+    candidates = {}
+    for label, value in config.factors.items():
+        with naming(source, f"factors.{label}"):  # a method: the one deployment for the longest length
+            candidates[label] = factors_from(value, geometry, max(longest, window) if value in BASELINES else None)
+    check_models_and_ruler(config, window, source)
     return config, candidates
 
 
@@ -105,8 +119,6 @@ def ruler_lengths(config: EvalConfig, original_window: int) -> list[int]:
 def check_models_and_ruler(config: EvalConfig, original_window: int, source: str) -> None:
     """Each model directory is a model whose tokenizer is the base model's (every row reads the same
     documents, built once), the RULER haystack reads, and every RULER task fits at its shortest length."""
-    from fitness.config_checks import check_haystacks, check_model, naming
-
     tokenizer = load_tokenizer(config.model.name)
     for label, path in config.models.items():
         try:
@@ -162,6 +174,14 @@ def ruler_description(settings: RulerSettings) -> dict:
         task = RULER_TASKS[name]
         tasks[name] = {"metric": task.metric, "category": task.category, "max_new_tokens": settings.answer_budget(name)}
     return {**settings.model_dump(), "tasks": tasks}
+
+
+def eval_output(out: Path):
+    """Where the results go, checked before anything runs: never over an earlier evaluation; built under a
+    unique hidden name and moved there whole (a failure leaves nothing)."""
+    output.check_destination(out, "--out")  # first: a name too long cannot even be looked up
+    output.refuse_existing(out, "--out")
+    return output.new_output(out, "--out")
 
 
 def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: Path) -> dict:

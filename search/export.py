@@ -6,13 +6,15 @@ gguf  a copy of a GGUF model with longrope factor tensors and keys, for llama.cp
 json  the candidate with its geometry and provenance
 yaml  the same, as YAML
 
-Every exporter writes beside its target and renames at the end: a failure leaves nothing behind.
+Every exporter builds its result under a unique hidden name beside the target and moves it there whole
+at the end, never over anything (fitness.output): a failure leaves nothing behind. Nothing is linked
+to the source: a user who loads the export and saves into it (`save_pretrained`) must not change the
+model it came from.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -25,9 +27,10 @@ from fitness.factors import RopeCandidate, check_geometry
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
 from fitness.models import load_config, load_model, resolve
+from fitness.output import new_output
 
 EXPORTERS: dict[str, Callable[..., Path]] = {}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".py", ".jinja")
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".py", ".jinja")
 
 
 def register_exporter(name: str):
@@ -44,37 +47,15 @@ def _checked(candidate: RopeCandidate, model: str):
     return config
 
 
-def _written(tmp: Path, out: Path) -> Path:
-    """Move a finished export into place; a directory left from an earlier export is replaced whole."""
-    if out.is_dir() and tmp.is_dir():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
-def _scratch(out: Path) -> Path:
-    """Where an export is built before it is renamed to `out` (same folder, so the rename is atomic)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
-    return tmp
-
-
 @register_exporter("hf")
 def export_hf(candidate: RopeCandidate, model: str, out: Path, config_only: bool = False) -> Path:
-    """A model directory: weights linked (HF source) or written (GGUF source), config with the factors."""
+    """A model directory: the source's files copied (HF source) or written (GGUF source), config with the
+    factors."""
     source_config = _checked(candidate, model)
     directory, gguf_file = resolve(model)
-    final, out = out, _scratch(out)
-    out.mkdir()
-    try:
-        _fill_hf(candidate, model, source_config, directory, gguf_file, out, config_only)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    return _written(out, final)
+    with new_output(out, "--out") as scratch:
+        _fill_hf(candidate, model, source_config, directory, gguf_file, scratch, config_only)
+    return out
 
 
 def _fill_hf(candidate, model, source_config, directory: Path, gguf_file, out: Path, config_only: bool) -> None:
@@ -82,13 +63,8 @@ def _fill_hf(candidate, model, source_config, directory: Path, gguf_file, out: P
         data = json.loads((directory / "config.json").read_text())
         if not config_only:
             for item in directory.iterdir():
-                if item.is_file() and item.suffix in WEIGHT_SUFFIXES and item.name != "config.json":
-                    target = out / item.name
-                    if not target.exists():
-                        try:
-                            os.link(item, target)
-                        except OSError:
-                            shutil.copy2(item, target)
+                if item.is_file() and item.suffix in MODEL_FILE_SUFFIXES and item.name != "config.json":
+                    shutil.copyfile(item, out / item.name)  # a copy: a hard link would share later writes
     else:  # a GGUF source has no HF directory: write the dequantized weights and the config ourselves
         data = source_config.to_dict()
         if not config_only:
@@ -137,9 +113,7 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
         warnings.warn("--static writes one factor vector for every length: the searched short factors are left "
                       "out (llama.cpp then applies the long ones to short prompts too)", stacklevel=2)  # fmt: skip
     new_keys = gguf_metadata(candidate, arch, static)
-    # never rope.scaling.factor with longrope: llama.cpp would apply it on top of the factors
-    dropped = {f"{arch}.rope.scaling.factor", f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.attn_factor"}
-    factor_tensors = {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"}
+    # never rope.scaling.factor with longrope (dropped below): llama.cpp would apply it on top of the factors
     if static:
         new_tensors = {"rope_freqs.weight": np.asarray(candidate.long_factors, dtype=np.float32)}
     else:
@@ -147,8 +121,18 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
             "rope_factors_long.weight": np.asarray(candidate.long_factors, dtype=np.float32),
             "rope_factors_short.weight": np.asarray(candidate.factors(long=False), dtype=np.float32),
         }
-    tmp = _scratch(out)
-    writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+    with new_output(out, "--out", folder=False) as scratch:
+        _write_gguf(reader, arch, new_keys, new_tensors, scratch)
+    return out
+
+
+def _write_gguf(reader, arch: str, new_keys: dict, new_tensors: dict, path: Path) -> None:
+    """The source's keys and tensors, less the scaling keys and factor tensors it may have, plus the new ones."""
+    import gguf
+
+    dropped = {f"{arch}.rope.scaling.factor", f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.attn_factor"}
+    factor_tensors = {"rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight"}
+    writer = gguf.GGUFWriter(str(path), arch=arch, endianess=reader.endianess)
     alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = alignment.contents()
@@ -178,25 +162,24 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
     for values in new_tensors.values():
         writer.write_tensor_data(values)
     writer.close()
-    return _written(tmp, out)
 
 
 @register_exporter("json")
 def export_json(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
     if model:
         _checked(candidate, model)
-    tmp = _scratch(out)
-    tmp.write_text(candidate.model_dump_json(indent=2) + "\n")
-    return _written(tmp, out)
+    with new_output(out, "--out", folder=False) as scratch:
+        scratch.write_text(candidate.model_dump_json(indent=2) + "\n")
+    return out
 
 
 @register_exporter("yaml")
 def export_yaml(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
     if model:
         _checked(candidate, model)
-    tmp = _scratch(out)
-    tmp.write_text(yaml.safe_dump(candidate.model_dump(mode="json"), sort_keys=False))
-    return _written(tmp, out)
+    with new_output(out, "--out", folder=False) as scratch:
+        scratch.write_text(yaml.safe_dump(candidate.model_dump(mode="json"), sort_keys=False))
+    return out
 
 
 def read_source(source: Path) -> RopeCandidate:

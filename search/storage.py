@@ -13,17 +13,12 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError
 
-from fitness.errors import RopeSearchError
+from fitness.errors import EnvironmentFault, RopeSearchError  # noqa: F401  (EnvironmentFault: imported from here too)
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 SCHEMA_ATTEMPTS = 5
 SQLITE_TIMEOUT_S = 60  # wait this long for another process's lock before giving up ($ROPESEARCH_SQLITE_TIMEOUT)
 STUDY_DB = "study.db"
-
-
-class EnvironmentFault(RuntimeError):
-    """Not the input's fault (a study gone, a storage or cluster unreachable, a run busy elsewhere): the
-    CLI prints its message, which says how to go on, on one line and exits with code 1."""
 
 
 def storage_url(spec: str | None, run_dir: Path) -> str:

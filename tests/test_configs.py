@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fitness.config_io import load_yaml
-from fitness.factors import RopeCandidate
+from fitness.config_io import load_yaml, read_yaml
+from fitness.factors import BASELINES, RopeCandidate
 from mixed_window_train.finetune import FinetuneConfig
 from mixed_window_train.pretrain import PretrainConfig
 from search.config import SearchConfig
@@ -25,10 +25,11 @@ def schema(path: Path):
 
 
 def factor_files(config) -> list[str]:
+    """The factor files and run folders a config names (method names are not files)."""
     if isinstance(config, EvalConfig):
-        return list(config.factors.values())
+        return [value for value in config.factors.values() if value not in BASELINES]
     if isinstance(config, FinetuneConfig):
-        return [config.factors]
+        return [config.factors] if config.factors not in BASELINES else []
     return [config.long_factors] if config.long_factors else []
 
 
@@ -81,3 +82,16 @@ def test_a_shipped_search_passes_every_check_a_search_makes(path):
     from search import runs
 
     runs.load_search_config(path)
+
+
+def test_the_yarn_control_is_the_searched_fine_tune_but_for_its_factors():
+    """Same data, steps, seed, tokens and held-out needles: only the name, the factors and the target differ."""
+    searched = read_yaml(REPO / "configs" / "train-smollm2-32k.yaml")
+    control = read_yaml(REPO / "configs" / "train-smollm2-32k-yarn.yaml")
+    assert control.pop("factors") == "yarn" and control.pop("target_window") == 32768
+    assert control.pop("name") != searched.pop("name")
+    searched.pop("factors")
+    assert control == searched
+    needles = load_yaml(REPO / "configs" / "train-smollm2-32k.yaml", FinetuneConfig).evaluation.needles
+    assert needles.formats == ["magic_number", "pass_key", "key_value", "multi_needle", "word"]
+    assert needles.haystack == ["idle"] and needles.seed == 1000 and needles.documents == 8 * 5

@@ -306,3 +306,38 @@ def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         EXPORTERS["hf"](searched_like(), "tiny", tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_pretrained_into_an_hf_export_leaves_its_source_byte_identical(tmp_path):
+    """What users do next with an export, load it and `save_pretrained` model and tokenizer into it, must
+    not reach the model it was exported from (a copy of the bundled one here, so a failure cannot touch
+    the checkout)."""
+    import hashlib
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fitness.models import TINY_MODEL_DIR
+
+    source = tmp_path / "source"
+    shutil.copytree(TINY_MODEL_DIR, source)
+    digests = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(source.iterdir())}  # noqa: E731
+    before = digests()
+    out = EXPORTERS["hf"](searched_like(), str(source), tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    assert digests() == before
+    assert all((out / name).stat().st_ino != (source / name).stat().st_ino for name in before if (out / name).exists())
+
+
+def test_an_export_builds_beside_its_target_without_touching_anything_there(tmp_path):
+    """The scratch name is unique: a user's folder named like the old fixed scratch path survives."""
+    for name in (".hf.tmp", ".out.json.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text("mine")
+    EXPORTERS["hf"](searched_like(), "tiny", tmp_path / "hf", config_only=True)
+    EXPORTERS["json"](searched_like(), None, tmp_path / "out.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp", ".out.json.tmp", "hf", "out.json"]
+    assert all((tmp_path / name / "keep.txt").read_text() == "mine" for name in (".hf.tmp", ".out.json.tmp"))

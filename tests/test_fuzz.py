@@ -18,7 +18,7 @@ from search import cli
 from tests.search_helpers import REPO, SMALL
 
 SEED = 15
-CASES = {"search": 80, "train": 40, "factors": 40}
+CASES = {"search": 80, "train": 40, "factors": 40, "eval": 200}
 CASE_SECONDS = 60  # a case that takes longer is a hang
 ODD_VALUES = [float("nan"), float("inf"), float("-inf"), 10**12, -(10**12), 10**30, 1e308, -1, 0, 0.5, "text", "",
               [], {}, None, True, [float("nan")], [-1, "x"]]  # fmt: skip
@@ -118,3 +118,24 @@ def test_mutated_train_configs_and_factor_files(tmp_path, capsys, monkeypatch, h
         runs = tmp_path / f"runs{case}"
         codes.append(check_outcome(["train", str(path), "--out", str(runs / "o")], capsys, runs))
     assert codes.count(2) > CASES[what] // 2
+
+
+def test_mutated_eval_configs(tmp_path, capsys, monkeypatch, haystack):
+    from search import evaluate
+
+    def accepted(config, candidates, out):  # the output folder is the outcome: it must appear whole
+        (out / "eval.json").write_text("{}")
+        return {"results": {}, "short_text": None}
+
+    monkeypatch.setattr(evaluate, "run_eval", accepted)
+    base = yaml.safe_load((REPO / "configs" / "eval-tiny.yaml").read_text())
+    base["needles"]["haystack"] = [haystack]
+    base["factors"] = {"searched": str(REPO / "configs" / "factors" / "tiny-4x.json"), "static": "yarn"}
+    base["short_lengths"] = [64, 256]
+    rng, codes = random.Random(SEED), []
+    for case in range(CASES["eval"]):
+        path = tmp_path / f"eval{case}.yaml"
+        path.write_text(yaml.safe_dump(mutate(base, rng)))
+        runs = tmp_path / f"runs{case}"
+        codes.append(check_outcome(["eval", str(path), "--out", str(runs / "o")], capsys, runs))
+    assert codes.count(2) > CASES["eval"] // 2 and codes.count(0) > 0

@@ -36,10 +36,17 @@ def test_packed_short_documents_equal_separate_forwards(tiny):
             torch.testing.assert_close(packed[:, a:b], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_rows_choose_their_rope(tiny):
-    """Long rows run under the long factors, packed short rows under the short ones."""
+@pytest.mark.parametrize("factors", ["searched", "yarn deployed"])
+def test_rows_choose_their_rope(tiny, factors):
+    """Long rows run under the long factors, packed short rows under the short ones (a deployed method's
+    short factors are its long ones: YaRN's rotation at every length)."""
+    from fitness.factors import deployed_baseline
+
     model, tokenizer = tiny
     candidate = RopeCandidate.load(FACTORS)
+    if factors == "yarn deployed":
+        candidate = deployed_baseline("yarn", candidate.geometry, 1024)
+        assert candidate.inv_freq(long=False).tolist() == candidate.inv_freq(long=True).tolist()
     batch = MixedBatches(tokenizer, MixedData(long_ratio=0.5), 256, 1024, 8, seed=1)(3, 0)
     long_rows = batch.position_ids.max(dim=1).values == 1023
     assert 0 < long_rows.sum() < 8
@@ -140,3 +147,123 @@ def test_chunked_loss_equals_full_logits_loss(tiny):
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     model.zero_grad()
+
+
+def tiny_training(out: Path, stop_after=None) -> list[tuple[int, str]]:
+    """Six steps of the mixed-window loop on the bundled model (a fresh copy), checkpoints every second
+    step, stopped after `stop_after` as a kill would; the loss curve logged so far."""
+    from fitness.models import ModelSettings, load_model
+    from mixed_window_train.trainer import TrainSettings, train
+
+    model, tokenizer = load_model(ModelSettings(name="tiny", device="cpu", threads=1))
+    batches = MixedBatches(tokenizer, MixedData(), 256, 1024, 2, seed=0)
+    settings = TrainSettings(steps=6, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=2)
+    with apply_candidates(model, RopeCandidate.load(FACTORS)):
+        train(model, batches, settings, out, stop_after=stop_after)
+    return losses(out)
+
+
+@pytest.fixture(scope="module")
+def reference_curve(tmp_path_factory):
+    return tiny_training(tmp_path_factory.mktemp("reference"))
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path, reference_curve, caplog):
+    tiny_training(tmp_path, stop_after=4)  # checkpoints at steps 2 and 4
+    newest = tmp_path / "checkpoints" / "step_0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn by a failing disk
+    with caplog.at_level("WARNING", logger="ropesearch"):
+        assert tiny_training(tmp_path) == reference_curve
+    assert any("step_0000004.pt does not load" in r.getMessage() for r in caplog.records)
+    assert len(reference_curve) == 6
+
+
+@pytest.mark.parametrize("damage", ["emptied", "header lost, last row torn"])
+def test_a_damaged_metrics_file_is_mended_on_resume(tmp_path, reference_curve, damage):
+    """Each step once under one header, whatever a kill or a disk left of metrics.csv."""
+    tiny_training(tmp_path, stop_after=5)  # checkpoints at 2 and 4, rows 1 to 5: row 5 is logged again
+    metrics = tmp_path / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    # a row torn inside its step number ("1" of "12,...") is what a kill during an append leaves
+    metrics.write_text("" if damage == "emptied" else "\n".join(lines[1:]) + "\n1")
+    assert tiny_training(tmp_path) == (reference_curve[4:] if damage == "emptied" else reference_curve)
+    assert metrics.read_text().splitlines()[0] == "step,loss,lr,grad_norm,tokens_per_s"
+
+
+def test_two_trainings_on_one_folder(tmp_path):
+    """The second `train --out X` is refused at once; the first logs each step once."""
+    config = small_config(tmp_path, steps=8)
+    out = tmp_path / "out"
+    first = run_cli("train", str(config), "--out", str(out), "--stop-after", "4")  # no evaluation: seconds
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists():  # the first is training
+        assert time.time() < deadline and first.poll() is None, first.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)  # held in the middle of its steps, whatever the machine's speed
+    try:
+        second = run_cli("train", str(config), "--out", str(out))
+        assert second.wait(timeout=120) == 1
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    err = second.stderr.read().decode()
+    assert err.count("\n") == 1 and "in use by another training" in err, err
+    assert first.wait(timeout=600) == 0, first.stderr.read().decode()[-2000:]
+    assert [step for step, _ in losses(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_a_method_name_fine_tunes_as_the_method_is_deployed(tmp_path):
+    """`factors: yarn` with a target: training, the exported config and plain transformers all run YaRN as
+    transformers' own `rope_type: yarn` does, the same factors and attention factor at every length; the
+    evaluation reports every model per needle format at the target and at the window."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mixed_window_train.finetune import finetune, load_finetune_config
+    from tests.conftest import llama_config
+
+    path = small_config(tmp_path, steps=2)
+    data = yaml.safe_load(path.read_text())
+    data.update(factors="yarn", scale=4)
+    data["evaluation"]["needles"].update(formats=["magic_number", "pass_key"], documents=2)
+    path.write_text(yaml.safe_dump(data))
+    config, candidate = load_finetune_config(path)
+    assert candidate.method == "yarn" and candidate.short_factors == candidate.long_factors
+    finetune(config, candidate, tmp_path / "out")
+
+    yarn = llama_config(window=256, scale=4, head_dim=64, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+    yarn_inv_freq, yarn_attention = ROPE_INIT_FUNCTIONS["yarn"](yarn, None)
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["rope_scaling"]
+    assert saved["long_factor"] == saved["short_factor"] == list(candidate.long_factors)
+    assert saved["attention_factor"] == pytest.approx(yarn_attention, rel=1e-12)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    for length in (200, 1024):  # inside the window and beyond it
+        with torch.no_grad():
+            model(torch.randint(0, 100, (1, length)))
+        torch.testing.assert_close(model.model.rotary_emb.inv_freq.float(), yarn_inv_freq.float(), rtol=1e-6, atol=0)
+        assert model.model.rotary_emb.attention_scaling == pytest.approx(yarn_attention, rel=1e-7)
+    rows = json.loads((tmp_path / "out" / "evaluation.json").read_text())["evaluation"]
+    for row in rows.values():
+        for key in ("formats", "formats_in_window"):
+            assert set(row[key]) == {"magic_number", "pass_key"} and all(f["documents"] == 1 for f in row[key].values())
+
+
+def test_eval_scores_a_method_named_under_factors_as_deployed_for_the_longest_length(tmp_path):
+    """`factors: {yarn-static: yarn}` is YaRN built once for the longest length and used at every length
+    (what a fine-tune with `factors: yarn` ships); `methods: [yarn]` is rebuilt for each length."""
+    import json
+
+    from search.cli import main
+
+    config = {"name": "e", "model": {"name": "tiny", "device": "cpu", "threads": 1}, "multiples": [1, 4],
+              "needles": {"documents": 2, "haystack": ["docstrings"], "seed": 4}, "methods": ["yarn"],
+              "factors": {"yarn-static": "yarn"}, "short_windows": 0}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["eval", str(path), "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "eval.json").read_text())["results"]
+    assert results["yarn-static"]["1024"] == results["yarn"]["1024"]  # the same YaRN at the longest length
+    assert results["yarn-static"]["256"]["needle_ppl"] != results["yarn"]["256"]["needle_ppl"]  # not rebuilt at 1x
