@@ -39,12 +39,16 @@ def _where(loc: tuple) -> str:
     return text.lstrip(".") or "(top level)"
 
 
+def _inside(key: str, where: str) -> bool:
+    return key == where or key.startswith((f"{where}.", f"{where}["))
+
+
 def validation_message(err: ValidationError) -> str:
     """`key.path: message` on one line. Of the errors at the first key, the deepest: where a value may take
     several forms, the form it came closest to says most."""
     errors = err.errors()
     where = _where(errors[0]["loc"])
-    same_key = [e for e in errors if _where(e["loc"]).startswith(where)]
+    same_key = [e for e in errors if _inside(_where(e["loc"]), where)]
     first = max(same_key, key=lambda e: len(_where(e["loc"])))
     message = first["msg"].replace("\n", " ").removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
