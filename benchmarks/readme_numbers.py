@@ -1,4 +1,5 @@
-"""Every number the README's `## Results` section quotes comes from a committed file in benchmarks/results/.
+"""Every number the README's `## Results` section and docs/results.md quote comes from a committed file in
+benchmarks/results/.
 
 A quoted number is found when some number in a results file (JSON, CSV, YAML; every value, at any
 depth) gives it at the quoted precision, directly or in a simple derived form: as a percentage
@@ -210,12 +211,18 @@ def quotes(section: str):
             yield match, line
 
 
-def check(readme: Path = REPO / "README.md") -> list[str]:
+RESULTS_PAGE = REPO / "docs" / "results.md"
+
+
+def check(readme: Path = REPO / "README.md", page: Path | None = RESULTS_PAGE) -> list[str]:
+    """What the README's Results section and the results page (all of it) quote and no file holds."""
     files = all_files()
     missing = []
-    for match, line in quotes(results_section(readme)):
-        if found_in(match, files) is None:
-            missing.append(f"{match.group().strip()!r} in: {line.strip()[:110]}")
+    texts = [(readme.name, results_section(readme))] + ([(page.name, page.read_text())] if page else [])
+    for name, text in texts:
+        for match, line in quotes(text):
+            if found_in(match, files) is None:
+                missing.append(f"{name}: {match.group().strip()!r} in: {line.strip()[:110]}")
     return missing
 
 
@@ -223,7 +230,8 @@ def main() -> int:
     missing = check()
     for item in missing:
         print(item)
-    print(f"{len(missing)} number(s) of the README's Results in no file under {RESULTS.relative_to(REPO)}")
+    print(f"{len(missing)} number(s) of the README's Results and docs/results.md in no file under "
+          f"{RESULTS.relative_to(REPO)}")
     return 1 if missing else 0
 
 

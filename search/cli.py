@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fitness.errors import RopeSearchError
 
-EPILOG = "Configs are YAML; see configs/ for commented examples. Docs: README.md."
+EPILOG = "Configs are YAML; see configs/ for commented examples. Docs: README.md and docs/."
 
 
 def _search(args) -> int:
@@ -161,16 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("search", help="start a search from a config (creates a run folder)",
-                            description="Start a LongRoPE2 search: an Optuna study over the critical-dimension "
-                            "space, scored by Ray workers on needle documents, then (with short_search) a second "
-                            "study over the short factors, scored on general text inside the window. Creates "
-                            "RUNS_DIR/<name>-<time>/.",
+                            description="Start a search of per-pair RoPE rescale factors: an Optuna study over "
+                            "the config's space (space.mode: critical, LongRoPE2's searched critical pair with NTK "
+                            "below it; or free, every pair searched, as the bundled model's default config does), "
+                            "scored by Ray workers on needle documents at the target length; then (with short_search) "
+                            "a second study over the short factors for inputs inside the window, scored on text with "
+                            "in-window needles as a constraint. Creates RUNS_DIR/<name>-<time>/; Ctrl-C or a kill "
+                            "loses nothing that finished (`ropesearch resume`).",
                             epilog="The config's sections: model, scale | target_window, needles (search documents), "
                             "holdout, space, sampler (evolution, tpe, cmaes, random), pruning (multi-fidelity), "
                             "short_guard, budget, workers, storage, baselines; short_search adds a second stage that "
                             "searches the short factors (inputs inside the window) for the long winner, and "
                             "long_factors runs that stage alone on given factors. configs/default.yaml is a commented "
-                            "example; the README explains each.")  # fmt: skip
+                            "example; docs/configs.md explains each.")
     p.add_argument("config", help="search config YAML (e.g. configs/default.yaml)")
     p.add_argument("--runs-dir", default="runs", help="where run folders are created (default: runs)")
     p.add_argument("--workers", type=int, help="number of scoring workers (overrides workers.count)")
@@ -189,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=_resume)
 
-    p = commands.add_parser("status", help="progress and best-so-far of a run against the baselines")
+    p = commands.add_parser("status", help="progress and best-so-far of a run against the baselines",
+                            description="Show a run folder's progress without changing anything: evaluations done "
+                            "and running, failures and why, the best candidate so far against the baselines (and "
+                            "the seeds of the short stage), a stop by the time budget, and the held-out reports once "
+                            "written. Safe while the run is going, and on a read-only folder.")
     p.add_argument("run_dir", help="a run folder made by `ropesearch search`")
     p.set_defaults(handler=_status)
 

@@ -16,7 +16,7 @@ from fitness.config_checks import (MAX_NAME, MAX_TARGET_WINDOW, NAME_PATTERN, ch
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, per_format, short_text_costs
-from fitness.general_text import general_windows, perplexity
+from fitness.general_text import GENERAL_ENGLISH, perplexity, text_windows
 from fitness.factors import BASELINES, RopeCandidate, factors_from
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, load_tokenizer, machine_name
@@ -45,6 +45,9 @@ class EvalConfig(BaseModel):
     # length: what the extension costs short prompts. None: a quarter of the window and the window.
     short_lengths: list[Annotated[int, Field(gt=1)]] | None = Field(default=None, min_length=1)
     short_windows: int = Field(default=8, ge=0, le=4096)  # 0: no short-text evaluation
+    # the text of that evaluation (its evaluation part): `kjv`, general English, or the text a model knows
+    # (the bundled model: pydoc, its training text; on English it scores noise)
+    short_text: list[str] = Field(default_factory=lambda: [GENERAL_ENGLISH], min_length=1, max_length=8)
     # label: a model directory (a fine-tune's `model/`, an export), run as transformers loads it: its own
     # config.json's RoPE, no candidate applied; a row of every table beside the methods
     models: dict[str, str] = Field(default_factory=dict)
@@ -72,17 +75,18 @@ class EvalConfig(BaseModel):
 
 def format_table(results: dict, short_text: dict | None = None, ruler: dict | None = None) -> str:
     lengths = sorted({int(n) for rows in results.values() for n in rows})
-    head = f"{'method':<16}" + "".join(f"{n:>16}" for n in lengths)
+    width = max(16, *(len(name) + 2 for name in results))
+    head = f"{'method':<{width}}" + "".join(f"{n:>16}" for n in lengths)
     lines = ["needle PPL (retrieval) by length", head]
     for name, rows in results.items():
         cells = "".join(f"{rows[n]['needle_ppl']:>9.4g} ({rows[n]['retrieval']:>4.0%})" for n in lengths)
-        lines.append(f"{name:<16}{cells}")
+        lines.append(f"{name:<{width}}{cells}")
     for n in lengths:  # by needle format, where the documents mix several
         by_format = format_table_by_format({name: rows[n] for name, rows in results.items() if n in rows})
         if by_format:
             lines += [f"needle PPL (retrieval) by format at {n} tokens"] + by_format
     if short_text:
-        title = f"general-text PPL inside the window (cost vs no scaling), each method as deployed for {lengths[-1]} tokens"
+        title = f"text PPL inside the window (cost vs no scaling), each method as deployed for {lengths[-1]} tokens"
         lines += short_text_table(short_text, title)
     if ruler:
         lines += ruler_tables(ruler)
@@ -104,6 +108,8 @@ def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandi
                               f"[2, {MAX_TARGET_WINDOW}]")
     check_short_lengths(config.short_lengths, window, source, "short_lengths")
     check_haystacks(config.needles.haystack, source, "needles.haystack")
+    if known := [t for t in config.short_text if t != GENERAL_ENGLISH]:
+        check_haystacks(known, source, "short_text")
     candidates = {}
     for label, value in config.factors.items():
         with naming(source, f"factors.{label}"):  # a method: the one deployment for the longest length
@@ -199,8 +205,8 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
     short_text, windows = None, {}
     if config.short_windows:
         window = geometry.original_window
-        windows = {n: general_windows(tokenizer, n, config.short_windows)
-                   for n in config.short_lengths or [window // 4, window]}  # fmt: skip
+        windows = {n: text_windows(tokenizer, config.short_text, n, config.short_windows)
+                   for n in config.short_lengths or [window // 4, window]}
         short_text = short_text_costs(model, methods, max(lengths), windows, config.candidates_per_forward)
     ruler = evaluate_ruler(model, tokenizer, suite, methods, config.ruler.samples_per_forward) if suite else None
     if config.models:
@@ -218,6 +224,7 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
         "seconds": time.time() - started,
         "results": results,
         "short_text": short_text,
+        "short_text_sources": config.short_text,
         "models": config.models,
     }
     if ruler:

@@ -79,7 +79,7 @@ def _fill_hf(candidate, model, source_config, directory: Path, gguf_file, out: P
 def gguf_metadata(candidate: RopeCandidate, arch: str, static: bool) -> dict:
     """The GGUF keys. llama.cpp multiplies cos/sin by `rope.scaling.attn_factor` whatever the scaling
     type, so a static export keeps it too. `context_length` is the target window: llama.cpp's default
-    context (`n_ctx` 0) is then the target, which selects the long factors (see README, Serving)."""
+    context (`n_ctx` 0) is then the target, which selects the long factors (see docs/serving.md)."""
     g = candidate.geometry
     if static:
         return {f"{arch}.rope.freq_base": g.base, f"{arch}.rope.scaling.attn_factor": candidate.attention_factor}

@@ -165,20 +165,38 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None,
 
 
 def short_text_table(short_text: dict, title: str, indent: str = "") -> list[str]:
-    """Rows of methods, a "PPL (cost)" column per short length."""
+    """Rows of methods, a "PPL (cost)" column per short length; one number format for the whole table."""
     lengths = list(next(iter(short_text.values())))
-    lines = [title, f"{indent}{'method':<16}" + "".join(f"{n:>20}" for n in lengths)]
+    large = any(rows[n]["ppl"] >= 1e5 for rows in short_text.values() for n in lengths)
+    number = "{:>11.4e}" if large else "{:>11.5g}"
+    width = max(16, *(len(name) + 2 for name in short_text))
+    lines = [title, f"{indent}{'method':<{width}}" + "".join(f"{n:>21}" for n in lengths)]
     for name, rows in short_text.items():
-        cells = "".join(f"{rows[n]['ppl']:>11.5g} ({rows[n]['cost']:>+6.1%})" for n in lengths)
-        lines.append(f"{indent}{name:<16}{cells}")
+        cells = "".join(number.format(rows[n]["ppl"]) + f" ({rows[n]['cost']:>+7.1%})" for n in lengths)
+        lines.append(f"{indent}{name:<{width}}{cells}")
     return lines
 
 
 def format_short_report(result: dict) -> str:
-    """General-text PPL inside the window on the evaluation part: seeds and searched short factors."""
-    title = (f"short factors: general-text PPL inside the window (evaluation part, {result['windows']} windows per "
-             f"length; cost vs no scaling), attention factor {result['attention_factor']:.4g}")  # fmt: skip
-    return "\n".join(short_text_table(result["methods"], title, indent="  "))
+    """Inside the window, on what the stage never read: text PPL (its text, and general English beside it)
+    and held-out needles, for ones, the seeds and the searched short factors."""
+    sources = ", ".join(result.get("text_sources", ["kjv"]))
+    title = (f"short factors: text PPL inside the window ({sources}, evaluation part, {result['windows']} windows "
+             f"per length; cost vs no scaling), attention factor {result['attention_factor']:.4g}")
+    lines = short_text_table(result["methods"], title, indent="  ")
+    if "general_english" in result:
+        lines += short_text_table(result["general_english"], "  general English (kjv), which the model does not know",
+                                  indent="  ")
+    needles = result.get("window_needles")
+    if needles:
+        lengths = list(next(iter(needles["methods"].values())))
+        lines.append(f"  held-out needles inside the window ({', '.join(needles['formats'])} on "
+                     f"{', '.join(needles['haystack'])}, {needles['documents']} per length): needle PPL (retrieval)")
+        lines.append(f"  {'method':<24}" + "".join(f"{n:>16}" for n in lengths))
+        for name, rows in needles["methods"].items():
+            cells = "".join(f"{rows[n]['needle_ppl']:>9.4g} ({rows[n]['retrieval']:>4.0%})" for n in lengths)
+            lines.append(f"  {name:<24}{cells}")
+    return "\n".join(lines)
 
 
 def format_pruning(saved: dict) -> str:

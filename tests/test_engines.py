@@ -26,7 +26,7 @@ from tests.test_export import rising_short
 
 if os.environ.get("CI") == "true":
     import llama_cpp  # noqa: F401  (CI installs it: a missing engine must fail, not skip)
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see README, Serving)")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see docs/serving.md)")
 
 TARGET = 1024  # 4x the bundled model's window of 256
 ATTENTION = 1.3  # not the default sqrt(1 + ln 4 / ln 256) = 1.118: a dropped attention factor must show

@@ -12,7 +12,10 @@ def test_every_results_number_is_in_a_results_file():
 def test_a_number_in_no_file_is_reported(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("## Results\n\nneedle PPL 1.2345678 in 9 min 59 s wall\n\n## Next\n")
-    assert len(check(readme)) == 2
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\n## A part\n\nheld-out 7.654321 at 4x\n")
+    assert len(check(readme, None)) == 2
+    assert [m.split(":")[0] for m in check(readme, page)] == ["README.md", "README.md", "results.md"]
 
 
 def test_durations_are_read_only_from_durations(tmp_path):

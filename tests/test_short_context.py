@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fitness.factors import RopeCandidate, baseline
-from fitness.general_text import candidate_perplexities, general_windows, perplexity, window_nll
+from fitness.general_text import text_windows, candidate_perplexities, general_windows, perplexity, window_nll
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings
 from mixed_window_train.trainer import Batch, Checkpoints, _rng_state, _set_rng_state, chunked_loss, load_checkpoint
@@ -200,4 +200,14 @@ def test_eval_reports_what_each_method_costs_short_prompts(tmp_path):
     (only_attention,) = candidate_perplexities(model, windows, [baseline("none", searched.geometry, 1024).model_copy(
         update={"attention_factor": searched.attention_factor})])  # fmt: skip
     assert costs["searched-4x"] == pytest.approx(only_attention / perplexity(model, windows) - 1, rel=1e-4)
-    assert "general-text PPL inside the window" in format_table(payload["results"], payload["short_text"])
+    assert "text PPL inside the window" in format_table(payload["results"], payload["short_text"])
+    # the text the bundled model knows (its training text) instead of English, which it scores as noise
+    config.update(short_text=["pydoc"], methods=["none"])
+    path.write_text(yaml.safe_dump(config))
+    payload = run_eval(*load_eval_config(path), tmp_path / "pydoc")
+    pydoc = text_windows(tokenizer, ["pydoc"], 128, 2)
+    (only_attention,) = candidate_perplexities(model, pydoc, [baseline("none", searched.geometry, 1024).model_copy(
+        update={"attention_factor": searched.attention_factor})])
+    assert payload["short_text"]["searched-4x"]["128"]["cost"] == pytest.approx(
+        only_attention / perplexity(model, pydoc) - 1, rel=1e-4)
+    assert payload["short_text_sources"] == ["pydoc"] and payload["short_text"]["none"]["128"]["ppl"] < 10

@@ -24,7 +24,7 @@ VLLM_PYTHON = os.environ.get("ROPESEARCH_VLLM_PYTHON")
 if not VLLM_PYTHON:
     if os.environ.get("CI") == "true":  # CI makes vLLM's environment: a missing one must fail, not skip
         raise RuntimeError("CI=true but ROPESEARCH_VLLM_PYTHON is not set (see .ci/run)")
-    pytest.skip("ROPESEARCH_VLLM_PYTHON (vLLM's environment) is not set (see README, Serving)", allow_module_level=True)
+    pytest.skip("ROPESEARCH_VLLM_PYTHON (vLLM's environment) is not set (see docs/serving.md)", allow_module_level=True)
 
 
 def _benchmark():
