@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.output import emit  # noqa: E402
-from fitness.factors import baseline  # noqa: E402
+from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config  # noqa: E402
 from fitness.models import ModelSettings, load_model  # noqa: E402
 from fitness.needles import NeedleSettings, build_needle_set  # noqa: E402

@@ -54,7 +54,8 @@ def rising_short(pairs: int) -> tuple[float, ...]:
 
 def prepare(folder: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fitness.factors import critical_dim_shape, make_candidate
+    from fitness.baselines import critical_dim_shape
+    from fitness.factors import make_candidate
     from fitness.geometry import geometry_from_config
     from fitness.models import load_config, load_model
     from fitness.needles import NeedleSettings, build_needle_set

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from fitness.errors import RopeSearchError
 from fitness.models import ModelSettings, load_tokenizer, resolve
@@ -18,47 +21,8 @@ MAX_TARGET_WINDOW = 2**21  # 2M tokens: LongRoPE's reach; beyond it documents ca
 MAX_NAME = 100  # a run folder's name must stay a legal file name with its timestamp
 # a run's name becomes a folder's: a letter or digit first, so never ".", ".." or a hidden folder
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-# Sizes beyond these would not finish on any machine; refused up front rather than left to hang.
-# Keys are dotted paths in a config's data; a key a config does not have is skipped.
-LIMITS = {
-    "needles.documents": 10_000,
-    "holdout.documents": 10_000,
-    "evaluation.needles.documents": 10_000,
-    "needles.needles_per_document": 64,
-    "holdout.needles_per_document": 64,
-    "needles.depths": 1_000,
-    "holdout.depths": 1_000,
-    "sampler.evolution.population": 10_000,
-    "sampler.evolution.parents": 10_000,
-    "sampler.evolution.mutations": 10_000,
-    "sampler.evolution.crossovers": 10_000,
-    "sampler.evolution.generations": 100_000,
-    "sampler.evolution.max_attempts": 100,
-    "budget.evaluations": 10_000_000,
-    "budget.minutes": 60 * 24 * 366,
-    "pruning.min_reference": 100_000,
-    "workers.count": 1_024,
-    "workers.cpus_per_worker": 1_024,
-    "workers.gpus_per_worker": 64,
-    "workers.candidates_per_forward": 1_024,
-    "workers.documents_per_forward": 1_024,
-    "workers.in_flight": 64,
-    "workers.max_restarts": 100,
-    "model.threads": 1_024,
-    "multiples": 512,
-    "candidates_per_forward": 1_024,
-    "documents_per_forward": 1_024,
-    "train.steps": 10_000_000,
-    "train.batch_size": 4_096,
-    "train.grad_accum": 1_024,
-    "train.warmup": 10_000_000,
-    "train.loss_chunk": 2**21,
-    "train.checkpoint_every": 10_000_000,
-    "train.eval_every": 10_000_000,
-    "evaluation.short_windows": 100_000,
-    "stop.documents": 10_000,
-    "stop.patience": 10_000,
-}
+# the name of a search, a fine-tune or an evaluation: the one rule for what may name their folders
+RunName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
 def non_finite_key(data, prefix: str = "") -> str | None:
     """The dotted key of the first NaN or infinite number in raw config data, or None."""
     if isinstance(data, float) and not math.isfinite(data):
@@ -75,28 +39,6 @@ def check_finite(data: dict, source: str) -> None:
     key = non_finite_key(data)
     if key:
         raise RopeSearchError(f"{source}: {key}: must be a finite number (not NaN or infinity)")
-
-
-def _at(data: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
-def check_limits(data: dict, source: str) -> None:
-    """Every size in LIMITS within bounds, and seeds in the generators' range (validated data)."""
-    for key, most in LIMITS.items():
-        value = _at(data, key)
-        numbers = [len(value), *value] if isinstance(value, list) else [value]  # a list: its length and items
-        for number in numbers:
-            if isinstance(number, (int, float)) and not isinstance(number, bool) and number > most:
-                raise RopeSearchError(f"{source}: {key}: {number} is more than a run can finish (at most {most:g})")
-    for key in ("sampler.seed", "train.seed"):
-        seed = _at(data, key)
-        if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
-            raise RopeSearchError(f"{source}: {key}: must be an integer in [0, {MAX_SEED}], got {seed}")
 
 
 def check_short_lengths(lengths: list[int] | None, window: int, source: str, key: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -211,13 +211,26 @@ def validate(data: dict, schema: type[Settings], source: str) -> Settings:
         raise RopeSearchError(f"{source}: {validation_message(err)}") from None
 
 
-def load_yaml(path: str | Path, schema: type[Settings]) -> Settings:
-    """The one loader of a command's config: bounded read, finite numbers, the schema, sizes a run can finish."""
-    from fitness.config_checks import check_finite, check_limits
+def load_yaml(path: str | Path, schema: type[Settings], overrides: dict | None = None,
+              prepare: Callable[[dict, str], None] | None = None) -> Settings:
+    """The one loader of every command's config: a bounded read, finite numbers, the schema (every bound lives
+    on its field). `prepare(data, source)` fills in what the data implies before validation; `overrides`
+    (dotted keys the command line sets) are validated again on top."""
+    from fitness.config_checks import check_finite
 
     source = str(path)
     data = read_yaml(path)
     check_finite(data, source)
+    if prepare is not None:
+        prepare(data, source)
     config = validate(data, schema, source)
-    check_limits(config.model_dump(), source)
+    if overrides:
+        data = config.model_dump()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        config = validate(data, schema, f"{source} with the command line's options")
     return config

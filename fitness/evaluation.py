@@ -8,7 +8,8 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from fitness.factors import LENGTH_DEPENDENT, RopeCandidate, baseline
+from fitness.baselines import LENGTH_DEPENDENT, baseline
+from fitness.factors import RopeCandidate
 from fitness.general_text import candidate_perplexities, perplexity
 from fitness.geometry import RopeGeometry
 from fitness.needles import NeedleSet, NeedleSettings, build_needle_set

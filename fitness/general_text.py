@@ -81,6 +81,12 @@ def text_windows(tokenizer, sources: Sequence[str], length: int, count: int, par
     return torch.tensor([ids[s : s + length] for s in starts], dtype=torch.long)
 
 
+def default_short_lengths(original_window: int) -> list[int]:
+    """Where a short prompt's cost is measured when a config names no lengths: a quarter of the window
+    (a typical prompt) and the window itself (the longest input that still gets the short factors)."""
+    return [original_window // 4, original_window]
+
+
 def general_windows(tokenizer, length: int, count: int, part: str = "evaluation") -> torch.Tensor:
     """Windows of general English text (`text_windows` of `kjv`)."""
     return text_windows(tokenizer, [GENERAL_ENGLISH], length, count, part)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fitness.errors import RopeSearchError
 
@@ -37,7 +37,7 @@ class ModelSettings(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    threads: int | None = None  # torch threads on CPU; None leaves torch's default
+    threads: int | None = Field(default=None, gt=0, le=1_024)  # torch threads on CPU; None: torch's default
 
     def resolved_device(self) -> str:
         if self.device == "auto":

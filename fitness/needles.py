@@ -45,9 +45,9 @@ class NeedleSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     haystack: list[str] = Field(default_factory=lambda: ["pydoc"])
-    documents: int = Field(default=16, gt=0)
-    depths: list[float] = Field(default_factory=lambda: [i / 9 for i in range(10)])
-    needles_per_document: int = Field(default=1, gt=0)
+    documents: int = Field(default=16, gt=0, le=10_000)
+    depths: list[float] = Field(default_factory=lambda: [i / 9 for i in range(10)], max_length=1_000)
+    needles_per_document: int = Field(default=1, gt=0, le=64)
     seed: int = 0
     # Documents take their format in turn from a shuffled cycle of these (so a set of n x len(formats)
     # documents holds n of each), decorrelated from the depths; see NEEDLE_FORMATS for the names.

@@ -18,15 +18,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitness import output
-from fitness.config_checks import (MAX_NAME, MAX_SCALE, MAX_TARGET_WINDOW, NAME_PATTERN, check_haystacks, check_model,
+from fitness.config_checks import (MAX_SCALE, MAX_TARGET_WINDOW, RunName, check_haystacks, check_model,
                                    check_short_lengths, naming)
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
-from fitness.factors import RopeCandidate, factors_from
+from fitness.factor_files import factors_from
+from fitness.factors import RopeCandidate
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
 from fitness.models import ModelSettings, load_config, load_model, machine_name, save_hf_model
-from fitness.general_text import general_windows
+from fitness.general_text import default_short_lengths, general_windows
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import apply_candidates
 from mixed_window_train.data import MixedBatches, MixedData
@@ -49,7 +50,7 @@ class EvaluationSettings(BaseModel):
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="mixed", pattern=NAME_PATTERN, max_length=MAX_NAME)
+    name: RunName = "mixed"
     model: ModelSettings = Field(default_factory=ModelSettings)
     # a factor file, a search run folder, or a method name (yarn, pi, ntk, critical_ntk, ...): the method
     # as engines deploy it for the target, its factors and attention factor at every length
@@ -131,7 +132,7 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
 
     started = time.time()
     window = geometry.original_window
-    lengths = config.evaluation.short_lengths or [window // 4, window]
+    lengths = config.evaluation.short_lengths or default_short_lengths(window)
     windows = {n: general_windows(tokenizer, n, config.evaluation.short_windows) for n in lengths}
     long_needles = build_needle_set(tokenizer, config.evaluation.needles, candidate.target_window)
     window_needles = build_needle_set(tokenizer, config.evaluation.needles, window)

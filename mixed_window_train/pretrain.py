@@ -17,15 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitness import output
-from fitness.config_io import read_yaml, validate
+from fitness.config_io import load_yaml, read_yaml, validate
 from fitness.errors import RopeSearchError
-from fitness.factors import baseline
+from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config
 from fitness.models import save_hf_model
 from fitness.needles import Haystack, NeedleSettings, build_document, build_needle_set, haystack_texts
 from fitness.scoring import score_candidates
 from mixed_window_train.trainer import Batch, TrainSettings, train
-from fitness.config_checks import check_finite, check_haystacks, check_limits
+from fitness.config_checks import check_haystacks
 
 MAX_WINDOW = 65_536
 MAX_PARAMETERS = 2_000_000_000  # a model trained from scratch here; beyond this it would not finish
@@ -78,8 +78,8 @@ class PretrainStop(BaseModel):
 
     retrieval: float = Field(default=0.98, gt=0, le=1)
     min_step: int = Field(default=1000, ge=0)
-    documents: int = Field(default=100, gt=0)
-    patience: int = Field(default=2, gt=0)  # consecutive evaluations that must pass
+    documents: int = Field(default=100, gt=0, le=10_000)
+    patience: int = Field(default=2, gt=0, le=10_000)  # consecutive evaluations that must pass
 
 
 class PretrainConfig(BaseModel):
@@ -105,14 +105,8 @@ def load_recipe(config_path: Path, seed: int | None = None, out: str | None = No
     """The recipe, the command line's overrides and the output paths, validated before anything is
     written. Returns the config and the work folder."""
     source = str(config_path)
-    data = read_yaml(config_path)
-    check_finite(data, source)
-    config = validate(data, PretrainConfig, source)
-    if seed is not None:
-        config.train.seed = seed
-    if out is not None:
-        config.out = out
-    check_limits(config.model_dump(), f"{source} with the command line's options")
+    overrides = {key: value for key, value in (("train.seed", seed), ("out", out)) if value is not None}
+    config = load_yaml(config_path, PretrainConfig, overrides)
     if config.window > MAX_WINDOW:
         raise RopeSearchError(f"{source}: window: {config.window} is beyond {MAX_WINDOW} tokens")
     if parameter_count(config.architecture) > MAX_PARAMETERS:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fitness.config_checks import MAX_SEED
 from tqdm.auto import tqdm
 
 from fitness.output import atomic_file, write_atomic
@@ -28,22 +30,22 @@ from fitness.output import atomic_file, write_atomic
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
+    steps: int = Field(gt=0, le=10_000_000)
+    batch_size: int = Field(default=8, gt=0, le=4_096)
+    grad_accum: int = Field(default=1, gt=0, le=1_024)
     lr: float = Field(default=2e-5, gt=0)
     min_lr: float = Field(default=0.0, ge=0)
-    warmup: int = Field(default=40, ge=0)
+    warmup: int = Field(default=40, ge=0, le=10_000_000)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = Field(default=1.0, gt=0)
     precision: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
-    loss_chunk: int = Field(default=0, ge=0)  # >0: LM head + loss over this many positions at a time
-    checkpoint_every: int = Field(default=200, gt=0)
-    eval_every: int = Field(default=0, ge=0)  # 0: only at the end
-    seed: int = 0
-    threads: int | None = Field(default=None, ge=1)
+    loss_chunk: int = Field(default=0, ge=0, le=2**21)  # >0: LM head + loss over this many positions at a time
+    checkpoint_every: int = Field(default=200, gt=0, le=10_000_000)
+    eval_every: int = Field(default=0, ge=0, le=10_000_000)  # 0: only at the end
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    threads: int | None = Field(default=None, ge=1, le=1_024)
 
     @field_validator("betas")
     @classmethod

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.config_checks import MAX_NAME, MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW, NAME_PATTERN
-from fitness.factors import BASELINES
+from fitness.baselines import BASELINES, COMPARED
+from fitness.config_checks import MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW, RunName
 from fitness.models import ModelSettings
 from fitness.needles import NeedleSettings
 from search.evolution import EvolutionSettings
@@ -21,7 +21,6 @@ from search.short_stage import ShortSearchSettings
 from search.space import SpaceSettings
 from search.workers import WorkerSettings
 
-DEFAULT_BASELINES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"]
 # Keys a resumed run may change: where and how fast it runs, never what it searches
 RESUMABLE_CHANGES = ("workers.backend", "workers.count", "workers.address", "workers.cpus_per_worker",
                      "workers.gpus_per_worker", "workers.max_restarts", "workers.in_flight", "model.threads",
@@ -53,8 +52,8 @@ class BudgetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evaluations: int | None = Field(default=None, gt=0)
-    minutes: float | None = Field(default=None, gt=0)
+    evaluations: int | None = Field(default=None, gt=0, le=10_000_000)
+    minutes: float | None = Field(default=None, gt=0, le=60 * 24 * 366)
 
 
 def _holdout_default(data: dict) -> NeedleSettings:
@@ -75,7 +74,7 @@ def _holdout_default(data: dict) -> NeedleSettings:
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="search", pattern=NAME_PATTERN, max_length=MAX_NAME)
+    name: RunName = "search"
     model: ModelSettings = Field(default_factory=ModelSettings)
     scale: float | None = Field(default=None, gt=1, le=MAX_SCALE)
     target_window: int | None = Field(default=None, gt=0, le=MAX_TARGET_WINDOW)
@@ -89,7 +88,7 @@ class SearchConfig(BaseModel):
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     # an Optuna RDB URL or a journal file; None: SQLite in the run folder
     storage: str | None = Field(default=None, min_length=1)
-    baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
+    baselines: list[str] = Field(default_factory=lambda: list(COMPARED))
     # the second stage: short factors for the long winner (search/short_stage.py); None: ones are exported
     short_search: ShortSearchSettings | None = None
     # a factor file (or run folder) whose long factors are taken as they are: no long stage is run

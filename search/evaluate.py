@@ -11,13 +11,14 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness import output
-from fitness.config_checks import (MAX_NAME, MAX_TARGET_WINDOW, NAME_PATTERN, check_haystacks, check_model,
-                                   check_short_lengths, naming)
+from fitness.config_checks import MAX_TARGET_WINDOW, RunName, check_haystacks, check_model, check_short_lengths, naming
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, per_format, short_text_costs
-from fitness.general_text import GENERAL_ENGLISH, perplexity, text_windows
-from fitness.factors import BASELINES, RopeCandidate, factors_from
+from fitness.general_text import GENERAL_ENGLISH, default_short_lengths, perplexity, text_windows
+from fitness.baselines import BASELINES, COMPARED
+from fitness.factor_files import factors_from
+from fitness.factors import RopeCandidate
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_config, load_model, load_tokenizer, machine_name
 from fitness.needles import NeedleSettings, build_needle_set, tokenizer_fingerprint
@@ -29,18 +30,19 @@ from search.report import format_table_by_format, plot_lengths, plot_ruler, rule
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="eval", pattern=NAME_PATTERN, max_length=MAX_NAME)
+    name: RunName = "eval"
     model: ModelSettings = Field(default_factory=ModelSettings)
     needles: NeedleSettings = Field(default_factory=NeedleSettings)
-    multiples: list[float] = Field(default_factory=lambda: [1, 2, 4], min_length=1)  # of the original window
+    multiples: list[Annotated[float, Field(le=512)]] = Field(default_factory=lambda: [1, 2, 4], min_length=1,
+                                                            max_length=512)  # of the original window
     # each rebuilt for every evaluated length (YaRN at 2x uses s = 2), as a user would configure it per length
-    methods: list[str] = Field(default_factory=lambda: ["none", "pi", "ntk", "dynamic_ntk", "yarn", "critical_ntk"])
+    methods: list[str] = Field(default_factory=lambda: list(COMPARED))
     # label: a factor file, a run folder, or a method name. A method here is the one deployment built for
     # the longest evaluated length, the same factors and attention factor at every length (as a fine-tune
     # with `factors: yarn` ships it), unlike `methods:`, which rebuilds it for each length.
     factors: dict[str, str] = Field(default_factory=dict)
-    candidates_per_forward: int = Field(default=4, gt=0)
-    documents_per_forward: int = Field(default=1, gt=0)
+    candidates_per_forward: int = Field(default=4, gt=0, le=1_024)
+    documents_per_forward: int = Field(default=1, gt=0, le=1_024)
     # general English text inside the original window, under each method as deployed for the longest
     # length: what the extension costs short prompts. None: a quarter of the window and the window.
     short_lengths: list[Annotated[int, Field(gt=1)]] | None = Field(default=None, min_length=1)
@@ -75,7 +77,7 @@ class EvalConfig(BaseModel):
 
 def format_table(results: dict, short_text: dict | None = None, ruler: dict | None = None) -> str:
     lengths = sorted({int(n) for rows in results.values() for n in rows})
-    width = max(16, *(len(name) + 2 for name in results))
+    width = max([16, *(len(name) + 2 for name in results)])
     head = f"{'method':<{width}}" + "".join(f"{n:>16}" for n in lengths)
     lines = ["needle PPL (retrieval) by length", head]
     for name, rows in results.items():
@@ -206,7 +208,7 @@ def run_eval(config: EvalConfig, candidates: dict[str, RopeCandidate], out_dir: 
     if config.short_windows:
         window = geometry.original_window
         windows = {n: text_windows(tokenizer, config.short_text, n, config.short_windows)
-                   for n in config.short_lengths or [window // 4, window]}
+                   for n in config.short_lengths or default_short_lengths(window)}
         short_text = short_text_costs(model, methods, max(lengths), windows, config.candidates_per_forward)
     ruler = evaluate_ruler(model, tokenizer, suite, methods, config.ruler.samples_per_forward) if suite else None
     if config.models:

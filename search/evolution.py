@@ -17,7 +17,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fitness.factors import baseline
+from fitness.baselines import baseline
 from search import trial_keys as keys
 from search.slots import NO_SLOT, GenerationSlots, finished_history, pruned_before
 from search.space import RopeSpace
@@ -26,15 +26,15 @@ from search.space import RopeSpace
 class EvolutionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    population: int = Field(default=64, gt=1)
-    parents: int = Field(default=32, gt=1)
-    mutations: int = Field(default=16, ge=0)
-    crossovers: int = Field(default=16, ge=0)
+    population: int = Field(default=64, gt=1, le=10_000)
+    parents: int = Field(default=32, gt=1, le=10_000)
+    mutations: int = Field(default=16, ge=0, le=10_000)
+    crossovers: int = Field(default=16, ge=0, le=10_000)
     mutation_prob: float = Field(default=0.3, gt=0, le=1)
     mutation_step: float = Field(default=0.05, gt=0)  # std of a factor step, as a fraction of s
     critical_dim_prob: float = Field(default=0.3, ge=0, le=1)
-    generations: int = Field(default=40, gt=0)
-    max_attempts: int = Field(default=2, gt=0)  # evaluations of a slot that may fail before it is given up
+    generations: int = Field(default=40, gt=0, le=100_000)
+    max_attempts: int = Field(default=2, gt=0, le=100)  # evaluations of a slot that may fail before it is given up
 
     @model_validator(mode="after")
     def _children(self) -> "EvolutionSettings":

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
-from fitness.factors import baseline
+from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config, load_model, machine_name
 from search import driver, report

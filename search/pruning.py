@@ -32,7 +32,7 @@ class PruningSettings(BaseModel):
     # their best `keep_percentile` %
     keep_best: int | None = Field(default=None, gt=0)
     keep_percentile: float = Field(default=50.0, gt=0, le=100)
-    min_reference: int = Field(default=16, gt=0)  # earlier first-stage scores needed before anything is pruned
+    min_reference: int = Field(default=16, gt=0, le=100_000)  # earlier first-stage scores needed before anything is pruned
 
 
 class EarlierTrialsPruner(BasePruner):

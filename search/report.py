@@ -8,7 +8,8 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from fitness.factors import RopeCandidate, baseline
+from fitness.baselines import baseline
+from fitness.factors import RopeCandidate
 from fitness.geometry import RopeGeometry
 from search.guard import SHORT_COST, best_trial
 from search.objective import LABELS, NEEDLE_PPL, objective_value
@@ -169,7 +170,7 @@ def short_text_table(short_text: dict, title: str, indent: str = "") -> list[str
     lengths = list(next(iter(short_text.values())))
     large = any(rows[n]["ppl"] >= 1e5 for rows in short_text.values() for n in lengths)
     number = "{:>11.4e}" if large else "{:>11.5g}"
-    width = max(16, *(len(name) + 2 for name in short_text))
+    width = max([16, *(len(name) + 2 for name in short_text)])
     lines = [title, f"{indent}{'method':<{width}}" + "".join(f"{n:>21}" for n in lengths)]
     for name, rows in short_text.items():
         cells = "".join(number.format(rows[n]["ppl"]) + f" ({rows[n]['cost']:>+7.1%})" for n in lengths)
@@ -318,7 +319,7 @@ def ruler_tables(ruler: dict) -> list[str]:
     length."""
     ruler = _by_length(ruler)
     lengths = sorted({n for rows in ruler.values() for n in rows})
-    width = max(16, *(len(name) + 2 for name in ruler))
+    width = max([16, *(len(name) + 2 for name in ruler)])
     lines = ["RULER average (%) by length", f"{'method':<{width}}" + "".join(f"{n:>10}" for n in lengths)]
     for name, rows in ruler.items():
         cells = [f"{rows[n]['average']:>10.1f}" if n in rows else f"{'-':>10}" for n in lengths]

@@ -31,14 +31,14 @@ from pathlib import Path
 import optuna
 import yaml
 
-from fitness.config_io import read_yaml, validate
+from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config
 from fitness.factors import RopeCandidate, check_geometry
 from search import driver, long_stage, short_stage
 from search import trial_keys as keys
-from fitness.config_checks import (MAX_TARGET_WINDOW, check_finite, check_haystacks, check_limits, check_model,
+from fitness.config_checks import (MAX_TARGET_WINDOW, check_haystacks, check_model,
                                    naming)  # fmt: skip
 from search.config import SearchConfig, unresumable_changes
 from search.space import RopeSpace
@@ -50,30 +50,20 @@ from search.workers import check_ray_address
 def load_search_config(config_path: Path, overrides: dict | None = None) -> SearchConfig:
     """Validate the config and everything it points at, before any file is written. `overrides`:
     dotted keys set from the command line."""
-    source = str(config_path)
-    data = read_yaml(config_path)
-    check_finite(data, source)
-    if isinstance(data, dict) and data.get("long_factors") and "scale" not in data and "target_window" not in data:
-        with naming(source, "long_factors"):  # the target is the one the given factors were made for
-            data["target_window"] = RopeCandidate.from_source(str(data["long_factors"])).target_window
-    config = validate(data, SearchConfig, source)
-    if overrides:
-        data = config.model_dump()
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node[key]
-            node[leaf] = value
-        source = f"{config_path} with the command line's options"
-        config = validate(data, SearchConfig, source)
-    check_search(config, source)
+    config = load_yaml(config_path, SearchConfig, overrides, prepare=_target_of_given_factors)
+    check_search(config, f"{config_path} with the command line's options" if overrides else str(config_path))
     return config
 
 
+def _target_of_given_factors(data: dict, source: str) -> None:
+    """With `long_factors` and no target, the target is the one the given factors were made for."""
+    if data.get("long_factors") and "scale" not in data and "target_window" not in data:
+        with naming(source, "long_factors"):
+            data["target_window"] = RopeCandidate.from_source(str(data["long_factors"])).target_window
+
+
 def check_search(config: SearchConfig, source: str) -> None:
-    """Everything a search config points at: sizes, model, target, space, haystacks, storage, cluster."""
-    check_limits(config.model_dump(), source)
+    """Everything a search config points at: model, target, space, haystacks, storage, cluster."""
     check_model(config.model, source)
     with naming(source, "model.name"):
         geometry = geometry_from_config(load_config(config.model.name))
@@ -173,12 +163,7 @@ def load(run_dir: Path) -> SearchConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RopeSearchError(f"{run_dir}: not a run folder (no config.yaml)")
-    source = str(run_dir / "config.yaml")
-    data = read_yaml(run_dir / "config.yaml")
-    check_finite(data, source)
-    config = validate(data, SearchConfig, source)
-    check_limits(config.model_dump(), source)
-    return config
+    return load_yaml(run_dir / "config.yaml", SearchConfig)
 
 
 def open_run(run_dir: Path, config: SearchConfig, read_only: bool = False) -> driver.SearchContext:

@@ -40,8 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fitness.config_checks import MAX_SEED, naming
 from fitness.errors import RopeSearchError
 from fitness.evaluation import evaluate_methods, fixed_method, short_text_costs
-from fitness.factors import RopeCandidate, no_scaling
-from fitness.general_text import GENERAL_ENGLISH, text_windows
+from fitness.baselines import no_scaling
+from fitness.factors import RopeCandidate
+from fitness.general_text import GENERAL_ENGLISH, default_short_lengths, text_windows
 from fitness.models import load_model, load_tokenizer, machine_name
 from fitness.needles import BUILTIN_HAYSTACKS, NeedleSettings, build_needle_set
 from search import driver, report
@@ -118,7 +119,7 @@ def seed_name(exponent: float) -> str:
 
 
 def lengths(config, original_window: int) -> list[int]:
-    return config.short_search.lengths or [original_window // 4, original_window]
+    return config.short_search.lengths or default_short_lengths(original_window)
 
 
 def needle_lengths(config, original_window: int) -> list[int]:

@@ -18,7 +18,8 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitness.errors import RopeSearchError
-from fitness.factors import ATTENTION_FACTORS, RopeCandidate, attention_factor, critical_dim_shape, make_candidate
+from fitness.baselines import critical_dim_shape
+from fitness.factors import ATTENTION_FACTORS, RopeCandidate, attention_factor, make_candidate
 from fitness.geometry import RopeGeometry
 
 

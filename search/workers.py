@@ -62,14 +62,14 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["ray", "local"] = "ray"
-    count: int = Field(default=1, gt=0)
-    cpus_per_worker: float = Field(default=1.0, ge=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
+    count: int = Field(default=1, gt=0, le=1_024)
+    cpus_per_worker: float = Field(default=1.0, ge=0, le=1_024)
+    gpus_per_worker: float = Field(default=0.0, ge=0, le=64)
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); None starts a local one
-    candidates_per_forward: int = Field(default=4, gt=0)
-    documents_per_forward: int = Field(default=1, gt=0)
-    max_restarts: int = Field(default=3, ge=0)  # per batch, when its actor dies
-    in_flight: int = Field(default=2, gt=0)  # batches queued per worker: hides the driver's time between them
+    candidates_per_forward: int = Field(default=4, gt=0, le=1_024)
+    documents_per_forward: int = Field(default=1, gt=0, le=1_024)
+    max_restarts: int = Field(default=3, ge=0, le=100)  # per batch, when its actor dies
+    in_flight: int = Field(default=2, gt=0, le=64)  # batches queued per worker: hides the driver's time between them
 
 
 @dataclass(frozen=True)

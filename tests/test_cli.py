@@ -302,7 +302,7 @@ def test_argparse_errors_exit_2_without_traceback():
 
 
 def factor_file(tmp_path, change=None, name="f.json"):
-    from fitness.factors import baseline
+    from fitness.baselines import baseline
     from fitness.geometry import RopeGeometry
 
     geometry = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)

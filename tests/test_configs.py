@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from fitness.config_io import load_yaml, read_yaml
-from fitness.factors import BASELINES, RopeCandidate
+from fitness.baselines import BASELINES
+from fitness.factors import RopeCandidate
 from mixed_window_train.finetune import FinetuneConfig
 from mixed_window_train.pretrain import PretrainConfig
 from search.config import SearchConfig

@@ -17,7 +17,8 @@ import os
 import numpy as np
 import pytest
 
-from fitness.factors import critical_dim_shape, make_candidate
+from fitness.baselines import critical_dim_shape
+from fitness.factors import make_candidate
 from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidate
@@ -267,7 +268,7 @@ SMOLLM2_LENGTH = 10240
 def test_smollm2_q4_export_agrees_beyond_the_window(tmp_path):
     """The real model and its Q4_1 GGUF: the export of a 16k critical-dimension candidate with a
     non-default attention factor, one needle document beyond the 8k window, in llama.cpp and ropesearch."""
-    from fitness.factors import baseline
+    from fitness.baselines import baseline
     from fitness.models import load_config, load_model, smollm2_gguf_path
 
     geometry = geometry_from_config(load_config("smollm2-135m"))

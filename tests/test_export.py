@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fitness.errors import RopeSearchError
-from fitness.factors import baseline, critical_dim_shape, make_candidate
+from fitness.baselines import baseline, critical_dim_shape
+from fitness.factors import make_candidate
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidate

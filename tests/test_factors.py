@@ -7,7 +7,8 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from fitness.errors import RopeSearchError
-from fitness.factors import BASELINES, RopeCandidate, baseline, make_candidate
+from fitness.baselines import BASELINES, baseline
+from fitness.factors import RopeCandidate, make_candidate
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.hf_config import longrope_config_keys
 from tests.conftest import llama_config

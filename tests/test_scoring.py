@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fitness.factors import baseline
+from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import apply_candidates

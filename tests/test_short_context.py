@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fitness.factors import RopeCandidate, baseline
+from fitness.baselines import baseline
+from fitness.factors import RopeCandidate
 from fitness.general_text import text_windows, candidate_perplexities, general_windows, perplexity, window_nll
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings

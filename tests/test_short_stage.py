@@ -6,7 +6,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from fitness.factors import RopeCandidate, baseline
+from fitness.baselines import baseline
+from fitness.factors import RopeCandidate
 from fitness.general_text import PARTS, general_windows
 from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
@@ -163,7 +164,7 @@ def test_one_command_runs_both_stages(tmp_path):
     for name in ("report.json", "best_factors.json", "best_short_factors.json", "short_report.json"):
         assert (run_dir / name).exists(), name
     status = runs.status(run_dir)
-    assert "study small-short: 4 evaluations of 4" in status and "short factors: general-text PPL" in status
+    assert "study small-short: 4 evaluations of 4" in status and "short factors: text PPL inside the window" in status
 
 
 @pytest.mark.parametrize(

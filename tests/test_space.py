@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from fitness.factors import baseline
+from fitness.baselines import baseline
 from fitness.geometry import RopeGeometry
 from search.space import RopeSpace, SpaceSettings
 

@@ -40,7 +40,7 @@ def test_packed_short_documents_equal_separate_forwards(tiny):
 def test_rows_choose_their_rope(tiny, factors):
     """Long rows run under the long factors, packed short rows under the short ones (a deployed method's
     short factors are its long ones: YaRN's rotation at every length)."""
-    from fitness.factors import deployed_baseline
+    from fitness.baselines import deployed_baseline
 
     model, tokenizer = tiny
     candidate = RopeCandidate.load(FACTORS)
