@@ -4,7 +4,7 @@ study page, the trial list (a trial's parameters and user attributes) and the st
 line saying what the dashboard served.
 
     pip install optuna-dashboard && apt-get install chromium
-    python benchmarks/dashboard_screenshot.py --out benchmarks/results/dashboard-cpu.json
+    python -m benchmarks.dashboard_screenshot --out benchmarks/results/dashboard-cpu.json
 
 Loopback only: the server binds 127.0.0.1 and the browser is pointed nowhere else.
 """
@@ -22,11 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.output import emit  # noqa: E402
-from search import runs  # noqa: E402
-from tests.search_helpers import write_config  # noqa: E402
+from benchmarks.output import emit
+from search import runs
+from benchmarks.small_search import write_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -6,7 +6,7 @@ It reads the fine-tunes' own `evaluation.json` files (`ropesearch train` writes 
 and its YaRN control at one target, same data, steps, seed and tokens) and writes one JSON file with the
 rows and the searched-vs-YaRN change of needle PPL per format, and prints the table in Markdown:
 
-    python benchmarks/paper_table.py --pair 32768 benchmarks/results/h200/train-smollm2-32k-evaluation.json \
+    python -m benchmarks.paper_table --pair 32768 benchmarks/results/h200/train-smollm2-32k-evaluation.json \
         benchmarks/results/h200/train-smollm2-32k-yarn-evaluation.json --out benchmarks/results/h200/paper-table.json
 """
 

@@ -1,26 +1,24 @@
 """Multi-fidelity pruning against scoring every candidate fully: the same search config and generations,
 one run (JSON out). Each variant is a whole search (no time cap) followed by its held-out report.
 
-    python benchmarks/pruning.py configs/default.yaml --first 8 --keep-best 32 \
+    python -m benchmarks.pruning configs/default.yaml --first 8 --keep-best 32 \
         --out benchmarks/results/pruning-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.output import emit  # noqa: E402
-from fitness.factors import RopeCandidate  # noqa: E402
-from fitness.models import machine_name  # noqa: E402
-from search import runs  # noqa: E402
-from search.objective import objective_value  # noqa: E402
+from benchmarks.output import emit
+from fitness.models import machine_name
+from fitness.factor_files import load_factor_file
+from search import runs
+from search.objective import objective_value
 
 
 def run_search(config_path: Path, overrides: dict) -> dict:
@@ -30,7 +28,7 @@ def run_search(config_path: Path, overrides: dict) -> dict:
         config = runs.load_search_config(config_path, {"budget.minutes": None, **overrides})
         run_dir = runs.create(config, Path(tmp))
         summary = runs.run(run_dir, quiet=True)
-        best = RopeCandidate.load(run_dir / "best_factors.json")
+        best = load_factor_file(run_dir / "best_factors.json")
     ray.shutdown()
     held_out = summary["report"]["summary"]
     return {

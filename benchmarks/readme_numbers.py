@@ -9,7 +9,7 @@ decimal may also be the ratio of two numbers of one file (or its change in perce
 Numbers that are not measurements (bar thresholds, sizes and settings of a run) are listed in
 `NOT_MEASURED` with the phrase they stand in, so the list stays short and reviewable.
 
-    python benchmarks/readme_numbers.py        # prints what is not found; exit 1 if anything
+    python -m benchmarks.readme_numbers        # prints what is not found; exit 1 if anything
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def found_in(quote: re.Match, files: dict[Path, list[tuple[float, str]]]) -> Pat
                             r = a / b
                             if _matches(scale * r, quoted, decimals) or (kind == "percent" and (
                                     _matches(scale * (r - 1), quoted, decimals)
-                                    or _matches(scale * (1 - r), quoted, decimals))):  # fmt: skip
+                                    or _matches(scale * (1 - r), quoted, decimals))):
                                 return path
     return None
 

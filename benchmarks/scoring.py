@@ -6,8 +6,8 @@ Compares, at each length:
   full_logits   the reference: every position's logits, then the answer NLL
 and K candidates batched in one forward (per-row RoPE) against K sequential forwards.
 
-    python benchmarks/scoring.py --model tiny --lengths 1024 4096 --out benchmarks/results/scoring-cpu.json
-    python benchmarks/scoring.py --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
+    python -m benchmarks.scoring --model tiny --lengths 1024 4096 --out benchmarks/results/scoring-cpu.json
+    python -m benchmarks.scoring --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
         --out benchmarks/results/scoring-h100.json
 """
 
@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.output import emit  # noqa: E402
+from benchmarks.output import emit
 from fitness.baselines import baseline
-from fitness.geometry import geometry_from_config  # noqa: E402
-from fitness.models import ModelSettings, load_model  # noqa: E402
-from fitness.needles import NeedleSettings, build_needle_set  # noqa: E402
-from fitness.patch import apply_candidates  # noqa: E402
-from fitness.scoring import answer_nll, full_logits_nll, score_candidates  # noqa: E402
+from fitness.geometry import geometry_from_config
+from fitness.models import ModelSettings, load_model
+from fitness.needles import NeedleSettings, build_needle_set
+from fitness.patch import apply_candidates
+from fitness.scoring import answer_nll, full_logits_nll, score_candidates
 
 
 def sync(device):
@@ -101,7 +100,7 @@ def run_mode(args, mode: str, length: int) -> dict:
             memory = peak_memory(fns[mode], device)
             return {"seconds_per_doc": seconds / args.docs, "docs_per_s": args.docs / seconds,
                     "tokens_per_s": args.docs * length / seconds, "peak_bytes": memory,
-                    "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before}  # fmt: skip
+                    "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before}
     candidates = [baseline(m, geometry, length) for m in ("pi", "ntk", "yarn", "critical_ntk")][: args.candidates]
     candidates += [candidates[-1]] * (args.candidates - len(candidates))
     subset = needles.subset(range(args.docs))
@@ -153,7 +152,7 @@ def main():
         if "batched" in row and "sequential" in row:
             row["batched_speedup"] = row["batched"]["candidate_docs_per_s"] / row["sequential"]["candidate_docs_per_s"]
     payload = {"machine": machine(), "model": args.model, "dtype": args.dtype, "docs": args.docs,
-               "candidates": args.candidates, "torch": torch.__version__, "results": results}  # fmt: skip
+               "candidates": args.candidates, "torch": torch.__version__, "results": results}
     emit(payload, args.out)
 
 

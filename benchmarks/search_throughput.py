@@ -7,7 +7,7 @@ again after each way, so a run cut short keeps what it measured):
   local        the whole search loop, scoring in the driver process (Optuna + proposals + storage)
   ray_1, ray_2 the whole loop with 1 and 2 Ray workers (startup reported apart)
 
-    python benchmarks/search_throughput.py configs/default.yaml --evaluations 96 \
+    python -m benchmarks.search_throughput configs/default.yaml --evaluations 96 \
         --out benchmarks/results/search-throughput-cpu.json
 """
 
@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.output import emit  # noqa: E402
-from search import driver, long_stage, runs  # noqa: E402
-from search.workers import Batch, ScoringWorker, WorkerSetup  # noqa: E402
+from benchmarks.output import emit
+from search import driver, long_stage, runs
+from search.workers import Batch, ScoringWorker, WorkerSetup
 
 
 def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
@@ -63,21 +61,21 @@ def main():
     args = parser.parse_args()
 
     machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
-               f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores")  # fmt: skip
+               f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores")
     results: dict = {}
 
     def write(complete: bool) -> None:
         """After every mode: a call cut short by its time limit still leaves what it measured."""
         floor = results.get("in_process", {}).get("evaluations_per_s")
         summary = {f"loop_overhead_{mode}": floor / row["evaluations_per_s"] - 1
-                   for mode, row in results.items() if floor and mode != "in_process"}  # fmt: skip
+                   for mode, row in results.items() if floor and mode != "in_process"}
         if "ray_1" in results and "ray_2" in results:
             summary["ray_2_over_ray_1"] = results["ray_2"]["evaluations_per_s"] / results["ray_1"]["evaluations_per_s"]
         documents = config.needles.documents
         for row in results.values():
             row["candidate_docs_per_s"] = row["evaluations_per_s"] * documents
         emit({"machine": machine, "config": str(args.config), "documents": documents, "complete": complete,
-              "results": results, "summary": summary}, args.out)  # fmt: skip
+              "results": results, "summary": summary}, args.out)
 
     # Ray with one worker first (the default deployment, and the candidates every other mode scores),
     # then the floor it is measured against, then the rest
@@ -89,7 +87,7 @@ def main():
     write(False)
     for count in counts[1:]:
         results[f"ray_{count}"], *_ = run_search(args.config, args.evaluations, {"workers.backend": "ray",
-                                                                                 "workers.count": count})  # fmt: skip
+                                                                                 "workers.count": count})
         _shutdown_ray()
         write(False)
     results["local"], *_ = run_search(args.config, args.evaluations, {"workers.backend": "local"})

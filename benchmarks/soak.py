@@ -3,7 +3,7 @@
 Peak RSS of the driver and of each worker in the first quarter of the evaluations is compared with
 the last quarter: a leak in either shows as growth (target: <= 10 %).
 
-    python benchmarks/soak.py --out benchmarks/results/soak-cpu.json
+    python -m benchmarks.soak --out benchmarks/results/soak-cpu.json
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fitness.models import machine_name  # noqa: E402
-from search import driver, long_stage, runs  # noqa: E402
+from fitness.models import machine_name
+from search import driver, long_stage, runs
 
 CONFIG = {
     "name": "soak",
@@ -84,7 +82,7 @@ def main():
                     done = None
                 workers = {pid: rss_kb(pid) for pid in worker_pids()}
                 samples.append({"t": time.time(), "completed": done, "driver_kb": rss_kb(os.getpid()),
-                                "workers_kb": workers})  # fmt: skip
+                                "workers_kb": workers})
                 stop.wait(args.interval)
 
         thread = threading.Thread(target=sample, daemon=True)
@@ -123,7 +121,7 @@ def main():
     result["worker_growth"] = {str(pid): last_workers[pid] / first_workers[pid] - 1 for pid in common}
     result["passed"] = result["driver_growth"] <= 0.10 and all(g <= 0.10 for g in result["worker_growth"].values())
     result["trace"] = [{"completed": s["completed"], "driver_kb": s["driver_kb"],
-                        "workers_kb": sum(v for v in s["workers_kb"].values() if v)} for s in samples[:: max(1, len(samples) // 200)]]  # fmt: skip
+                        "workers_kb": sum(v for v in s["workers_kb"].values() if v)} for s in samples[:: max(1, len(samples) // 200)]]
     text = json.dumps(result, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=2))
     if args.out:

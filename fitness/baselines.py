@@ -45,19 +45,22 @@ def _scale(geometry: RopeGeometry, target_window: int) -> float:
 
 @register_baseline("none")
 def no_scaling(geometry: RopeGeometry, target_window: int) -> RopeCandidate:
+    """The model as trained. transformers: `rope_type: default`."""
     return make_candidate(geometry, target_window, [1.0] * geometry.pairs, method="none")
 
 
 @register_baseline("pi")
 def position_interpolation(geometry: RopeGeometry, target_window: int) -> RopeCandidate:
-    """Linear PI: every frequency divided by s."""
+    """Position interpolation (Chen et al. 2023, arXiv 2306.15595): every frequency divided by s.
+    transformers: `rope_type: linear`, factor s."""
     s = _scale(geometry, target_window)
     return make_candidate(geometry, target_window, [s] * geometry.pairs, method="pi", static=True)
 
 
 @register_baseline("ntk")
 def ntk_aware(geometry: RopeGeometry, target_window: int) -> RopeCandidate:
-    """NTK-aware: base * s^(d/(d-2)), i.e. lambda_i = s^(2i/(d-2))."""
+    """NTK-aware scaling (the YaRN paper's section 3.1, arXiv 2309.00071): base * s^(d/(d-2)), i.e.
+    lambda_i = s^(2i/(d-2)). transformers has no static type for it (its `dynamic` type is `dynamic_ntk`)."""
     s = _scale(geometry, target_window)
     d = geometry.rotary_dim
     return make_candidate(
@@ -69,7 +72,8 @@ def ntk_aware(geometry: RopeGeometry, target_window: int) -> RopeCandidate:
 def dynamic_ntk(
     geometry: RopeGeometry, target_window: int, length: int | None = None, factor: float | None = None
 ) -> RopeCandidate:
-    """What transformers' {"rope_type": "dynamic", "factor": s} computes for a sequence of `length`
+    """Dynamic NTK (the YaRN paper's section 3.3): what transformers' {"rope_type": "dynamic", "factor": s}
+    computes for a sequence of `length`
     tokens (default: the target): NTK-aware with s' = s*len/L - (s-1), len = max(length, L). `factor`
     defaults to the target's s = L'/L, the config one would ship for that target; with factor 1 at the
     target it would be plain NTK (s' = s), and every report showed the two as one."""
@@ -108,7 +112,8 @@ def yarn(
     truncate: bool = True,
     attention: str = "yarn",
 ) -> RopeCandidate:
-    """YaRN as transformers builds it: a linear ramp over pair indices between the pairs that turn
+    """YaRN (Peng et al. 2023, arXiv 2309.00071), as transformers' `rope_type: yarn` builds it (beta_fast
+    32, beta_slow 1, attention factor 0.1 ln s + 1): a linear ramp over pair indices between the pairs that turn
     `beta_fast` and `beta_slow` times in the window; interpolation (s) below the ramp's end, none above."""
     s = _scale(geometry, target_window)
     d, window = geometry.rotary_dim, geometry.original_window
@@ -136,7 +141,8 @@ def yarn(
 def ntk_by_parts(
     geometry: RopeGeometry, target_window: int, alpha: float = 1.0, beta: float = 32.0, attention: str = "yarn"
 ) -> RopeCandidate:
-    """The YaRN paper's ramp over the turn ratio r_i = L / wavelength_i: s below alpha turns, 1 above beta."""
+    """NTK-by-parts (the YaRN paper's section 3.2): a ramp over the turn ratio r_i = L / wavelength_i, s
+    below alpha turns, 1 above beta. No transformers type: its `yarn` ramps over pair indices instead."""
     s = _scale(geometry, target_window)
     window = geometry.original_window
     factors = []
@@ -157,7 +163,8 @@ def ntk_by_parts(
 def llama3(
     geometry: RopeGeometry, target_window: int, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0
 ) -> RopeCandidate:
-    """Llama 3.1: s for wavelengths beyond L/low_freq_factor, 1 below L/high_freq_factor, smooth between."""
+    """Llama 3.1 (Meta 2024): s for wavelengths beyond L/low_freq_factor, 1 below L/high_freq_factor,
+    smooth between. transformers: `rope_type: llama3`."""
     s = _scale(geometry, target_window)
     window = geometry.original_window
     low_wavelength, high_wavelength = window / low_freq_factor, window / high_freq_factor
@@ -194,7 +201,8 @@ def critical_ntk(
     critical_factor: float | None = None,
     attention: str = "longrope",
 ) -> RopeCandidate:
-    """LongRoPE2's critical-dimension NTK: pairs from the (theoretical) critical pair get s, pairs below
+    """LongRoPE2's critical-dimension NTK (Shang et al. 2025, arXiv 2502.20082), exported as transformers'
+    `rope_type: longrope` (short and long factors): pairs from the (theoretical) critical pair get s, pairs below
     it NTK-style from that factor. The starting point the search refines."""
     s = _scale(geometry, target_window)
     critical_dim = geometry.critical_dim() if critical_dim is None else critical_dim

@@ -5,7 +5,6 @@ line naming the file and the key."""
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from typing import Annotated
 from pydantic import Field
 
 from fitness.errors import RopeSearchError
+from fitness.geometry import RopeGeometry
 from fitness.models import ModelSettings, load_tokenizer, resolve
 
 MAX_SEED = 2**32 - 1  # what numpy's and torch's generators accept
@@ -23,24 +23,6 @@ MAX_NAME = 100  # a run folder's name must stay a legal file name with its times
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # the name of a search, a fine-tune or an evaluation: the one rule for what may name their folders
 RunName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
-def non_finite_key(data, prefix: str = "") -> str | None:
-    """The dotted key of the first NaN or infinite number in raw config data, or None."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return prefix or "(top level)"
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for key, value in items:
-        found = non_finite_key(value, f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip("."))
-        if found:
-            return found
-    return None
-
-
-def check_finite(data: dict, source: str) -> None:
-    key = non_finite_key(data)
-    if key:
-        raise RopeSearchError(f"{source}: {key}: must be a finite number (not NaN or infinity)")
-
-
 def check_short_lengths(lengths: list[int] | None, window: int, source: str, key: str) -> None:
     """General-text lengths measure what an extension costs inside the original window: beyond it they
     would measure the long factors, and take minutes each."""
@@ -97,3 +79,14 @@ def check_haystacks(sources: list, source: str, key: str) -> None:
         raise RopeSearchError(f"{source}: {key}: empty; name a haystack (pydoc, docstrings, a file or folder)")
     with naming(source, key):
         haystack_texts(sources)
+
+
+def model_geometry(settings: ModelSettings, source: str) -> RopeGeometry:
+    """A config's model, checked (files, tokenizer, weights), and its RoPE geometry: what every command
+    reads first about the model it names."""
+    from fitness.geometry import geometry_from_config
+    from fitness.models import load_config
+
+    check_model(settings, source)
+    with naming(source, "model.name"):
+        return geometry_from_config(load_config(settings.name))

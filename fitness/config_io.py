@@ -9,6 +9,7 @@ few kilobytes but expands to gigabytes in any walk over it), nesting bounded bef
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -211,13 +212,29 @@ def validate(data: dict, schema: type[Settings], source: str) -> Settings:
         raise RopeSearchError(f"{source}: {validation_message(err)}") from None
 
 
+def non_finite_key(data, prefix: str = "") -> str | None:
+    """The dotted key of the first NaN or infinite number in raw config data, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return prefix or "(top level)"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = non_finite_key(value, f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
+
+
+def check_finite(data: dict, source: str) -> None:
+    key = non_finite_key(data)
+    if key:
+        raise RopeSearchError(f"{source}: {key}: must be a finite number (not NaN or infinity)")
+
+
 def load_yaml(path: str | Path, schema: type[Settings], overrides: dict | None = None,
               prepare: Callable[[dict, str], None] | None = None) -> Settings:
     """The one loader of every command's config: a bounded read, finite numbers, the schema (every bound lives
     on its field). `prepare(data, source)` fills in what the data implies before validation; `overrides`
     (dotted keys the command line sets) are validated again on top."""
-    from fitness.config_checks import check_finite
-
     source = str(path)
     data = read_yaml(path)
     check_finite(data, source)

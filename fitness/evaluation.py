@@ -33,7 +33,7 @@ def per_format(needles: NeedleSet, score: Score) -> dict[str, dict]:
     needle format each document was built with."""
     parts = fitness_by_group(needles.document_formats(), score.document_nll, score.document_exact)
     return {name: {"needle_ppl": part.fitness, "retrieval": part.retrieval, "documents": len(part.document_nll)}
-            for name, part in parts.items()}  # fmt: skip
+            for name, part in parts.items()}
 
 
 def evaluate_methods(

@@ -72,20 +72,6 @@ class RopeCandidate(BaseModel):
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> RopeCandidate:
-        """A factor file (fitness/factor_files.py reads the format)."""
-        from fitness.factor_files import load_factor_file
-
-        return load_factor_file(path)
-
-    @classmethod
-    def from_source(cls, source: str | Path) -> RopeCandidate:
-        """A run folder or a factor file (fitness/factor_files.py)."""
-        from fitness.factor_files import candidate_from
-
-        return candidate_from(source)
-
 
 def make_candidate(
     geometry: RopeGeometry, target_window: int, long_factors, static: bool = False, **kwargs

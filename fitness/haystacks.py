@@ -42,7 +42,7 @@ def _docstring_texts() -> list[str]:
         "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
         "threading", "typing", "unittest.case", "urllib.parse", "uuid", "zipfile", "textwrap", "difflib",
         "calendar", "contextlib",
-    ]  # fmt: skip
+    ]
     texts = []
     for name in names:
         spec = importlib.util.find_spec(name)
@@ -86,7 +86,7 @@ def _idle_texts() -> list[str]:
         import idlelib
     except ImportError:  # some distributions package IDLE apart (Debian: idle-python3.x)
         raise RopeSearchError("haystack 'idle' needs Python's idlelib, which this Python lacks "
-                              "(Debian: apt-get install idle); choose another haystack") from None  # fmt: skip
+                              "(Debian: apt-get install idle); choose another haystack") from None
 
     folder = Path(idlelib.__file__).parent
     texts = []

@@ -12,12 +12,13 @@ import functools
 import importlib.util
 import json
 import logging
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.errors import RopeSearchError
 
@@ -28,6 +29,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def upgrade_model_section(data, warn: bool = False):
+    """A model section written before `attention` (the attention kernel) was renamed `attn_implementation`,
+    as transformers calls it: a search config's `space.attention` is the attention *factor*."""
+    if isinstance(data, dict) and "attention" in data and "attn_implementation" not in data:
+        if warn:
+            warnings.warn("model.attention is now model.attn_implementation (the attention kernel); the old "
+                          "name still works", FutureWarning, stacklevel=2)
+        data = {("attn_implementation" if key == "attention" else key): value for key, value in data.items()}
+    return data
+
+
 class ModelSettings(BaseModel):
     """Which model, where, in what precision."""
 
@@ -36,8 +48,13 @@ class ModelSettings(BaseModel):
     name: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # transformers' own key
     threads: int | None = Field(default=None, gt=0, le=1_024)  # torch threads on CPU; None: torch's default
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        return upgrade_model_section(data, warn=True)
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -145,7 +162,7 @@ def load_model(settings: ModelSettings | str):
     if settings.threads:
         torch.set_num_threads(settings.threads)
     directory, gguf_file = resolve(settings.name)
-    kwargs = {"dtype": DTYPES[settings.dtype], "attn_implementation": settings.attention}
+    kwargs = {"dtype": DTYPES[settings.dtype], "attn_implementation": settings.attn_implementation}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     logging.getLogger("transformers").setLevel(logging.ERROR)

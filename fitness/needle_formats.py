@@ -8,6 +8,9 @@ token-exact document and finds the answer's tokens by character offsets.
 Several kinds, each with several wordings, so that factors searched on one are not tuned to one
 phrasing: a single format in the fitness overfits the factors to it (REFERENCE.md, "Another needle
 format").
+
+To add one: a function of (rng, wording, FormatInputs) returning a `Needle`, under
+`@register_format("name", WORDINGS)`; `needles.formats: [name]` and the held-out sets then use it.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ MAGIC_NUMBER = (
             "Which magic number was given for {key}? The magic number for {key} is {value}"),
     Wording("Note: the magic number that belongs to {key} is {value}.",
             "Recall the magic number that belongs to {key}. It is {value}"),
-)  # fmt: skip
+)
 
 
 @register_format("magic_number", MAGIC_NUMBER)
@@ -130,7 +133,7 @@ PASS_KEY = (
             "What is the access code? The access code is {value}"),
     Wording("Here is the pass key: {value}. Memorize it.",
             "Which pass key was given in the text? The pass key was {value}"),
-)  # fmt: skip
+)
 
 
 @register_format("pass_key", PASS_KEY)
@@ -147,7 +150,7 @@ KEY_VALUE = (
             "Which value does key {key} map to? Key {key} maps to value {value}"),
     Wording("In the registry, the entry {key} holds {value}.",
             "What does the registry entry {key} hold? The entry {key} holds {value}"),
-)  # fmt: skip
+)
 
 
 @register_format("key_value", KEY_VALUE)
@@ -165,7 +168,7 @@ MULTI_NEEDLE = (
             "What did {key} score? {key} scored {value}"),
     Wording("The locker of {key} has the combination {value}.",
             "What is the combination of the locker of {key}? The combination is {value}"),
-)  # fmt: skip
+)
 MULTI_NEEDLE_COUNT = 4  # at least this many needles of the kind, one of them asked
 
 
@@ -187,7 +190,7 @@ WORD = (
             "Which animal guards {key}? The animal that guards {key} is a {value}", ANIMALS),
     Wording("The favourite fruit of {key} is the {value}.",
             "What is the favourite fruit of {key}? It is the {value}", FRUITS),
-)  # fmt: skip
+)
 
 
 @register_format("word", WORD)
@@ -195,5 +198,5 @@ def word(rng: random.Random, wording: Wording, inputs: FormatInputs) -> Needle:
     """A word answer, not digits, from the wording's fixed list; distractors get other words."""
     keys = _word_keys(rng, inputs.words, inputs.needles)
     values = rng.sample(wording.choices, len(keys)) if len(keys) <= len(wording.choices) else \
-        [rng.choice(wording.choices) for _ in keys]  # fmt: skip
+        [rng.choice(wording.choices) for _ in keys]
     return _fill(wording, keys, values, asked=0)

@@ -251,7 +251,7 @@ def build_document(
     answer_positions = [len(ids) - len(tail) + i for i in answer_in_tail]
     assert len(ids) == length, (len(ids), length)
     meta = {"keys": needle.keys, "values": needle.values, "asked": needle.asked, "depths": depths,
-            "format": format_name, "wording": wording}  # fmt: skip
+            "format": format_name, "wording": wording}
     return ids, answer_positions, meta
 
 

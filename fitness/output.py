@@ -214,17 +214,18 @@ def write_atomic(path: Path, content: str | bytes) -> Path:
 
 
 @contextmanager
-def _lock(folder: Path, what: str) -> Iterator[None]:
-    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def held(lock_file: Path, busy: str) -> Iterator[None]:
+    """An exclusive lock on `lock_file` while the block runs; `busy` (one line: who holds it, how to go on)
+    when another process has it. Closing releases it, so a killed process's lock goes with it."""
+    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise EnvironmentFault(f"{folder} is in use by another {what}; wait for it to finish or stop it, "
-                                   f"then run the same command again") from None
+            raise EnvironmentFault(busy) from None
         yield
     finally:
-        os.close(descriptor)  # closing releases the lock; a killed process's lock goes with it
+        os.close(descriptor)
 
 
 @contextmanager
@@ -251,7 +252,8 @@ def claimed_folder(
             shutil.rmtree(tmp, ignore_errors=True)
             _undo(made)
             raise
-    with _lock(folder, what):
+    with held(folder / LOCK_FILE, f"{folder} is in use by another {what}; wait for it to finish or stop it, "
+                                  "then run the same command again"):
         if not (folder / owner).exists():  # an empty folder, taken
             write_atomic(folder / owner, content)
         check_owner(folder, label, owner, same)

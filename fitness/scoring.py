@@ -90,7 +90,7 @@ def fitness_by_group(groups: Sequence[str], document_nll: Sequence[float], exact
     for j, name in enumerate(groups):
         members.setdefault(name, []).append(j)
     return {name: fitness_of([document_nll[j] for j in docs], [exact[j] for j in docs])
-            for name, docs in members.items()}  # fmt: skip
+            for name, docs in members.items()}
 
 
 def score_candidates(

@@ -85,7 +85,7 @@ class MixedBatches:
                 positions.append(pos)
                 distill_weights.append(torch.ones(self.target) if distill else torch.zeros(self.target))
         return Batch(torch.tensor(rows), torch.stack(weights), torch.tensor(positions),
-                     torch.stack(distill_weights) if distill else None)  # fmt: skip
+                     torch.stack(distill_weights) if distill else None)
 
 
 def split_pieces(pieces: list[list[int]], every: int) -> tuple[list[list[int]], list[list[int]]]:

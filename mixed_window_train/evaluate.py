@@ -109,7 +109,7 @@ def format_comparison(result: dict, target: int, window: int) -> str:
         line += "".join(f"{row['short_ppl'][n]:>11.5g} ({row['short_cost'][n]:+6.1%})" for n in lengths)
         lines.append(line)
     lines.append(f"(base model's own needle PPL @{window}: {result[BASE]['needle_ppl_in_window']:.4g}; "
-                 "text: general English the project never trains or searches on)")  # fmt: skip
+                 "text: general English the project never trains or searches on)")
     formats = list(result[BASE]["formats"])
     if len(formats) > 1:
         for key, length in (("formats", target), ("formats_in_window", window)):

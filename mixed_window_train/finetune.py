@@ -18,15 +18,15 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitness import output
-from fitness.config_checks import (MAX_SCALE, MAX_TARGET_WINDOW, RunName, check_haystacks, check_model,
-                                   check_short_lengths, naming)
+from fitness.config_checks import (MAX_SCALE, MAX_TARGET_WINDOW, RunName, check_haystacks, check_short_lengths,
+                                   model_geometry, naming)
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.factor_files import factors_from
 from fitness.factors import RopeCandidate
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
-from fitness.models import ModelSettings, load_config, load_model, machine_name, save_hf_model
+from fitness.models import ModelSettings, load_model, machine_name, save_hf_model
 from fitness.general_text import default_short_lengths, general_windows
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import apply_candidates
@@ -70,9 +70,7 @@ def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandida
     """Validate config, sizes, model, haystacks, lengths and factors before anything is written."""
     source = str(config_path)
     config = load_yaml(config_path, FinetuneConfig)
-    check_model(config.model, source)
-    with naming(source, "model.name"):
-        geometry = geometry_from_config(load_config(config.model.name))
+    geometry = model_geometry(config.model, source)
     window = geometry.original_window
     check_haystacks(config.data.haystack, source, "data.haystack")
     check_haystacks(config.evaluation.needles.haystack, source, "evaluation.needles.haystack")
@@ -112,7 +110,7 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     model, tokenizer = load_model(config.model)
     geometry = geometry_from_config(model.config)
     batches = MixedBatches(tokenizer, config.data, geometry.original_window, candidate.target_window,
-                           config.train.batch_size, config.train.seed)  # fmt: skip
+                           config.train.batch_size, config.train.seed)
     teacher = None
     if config.data.short_loss == "distill":  # the base model, original RoPE, frozen
         teacher, _ = load_model(config.model)
@@ -137,7 +135,7 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     long_needles = build_needle_set(tokenizer, config.evaluation.needles, candidate.target_window)
     window_needles = build_needle_set(tokenizer, config.evaluation.needles, window)
     comparison = compare_exports(config.model, out_dir / "model", candidate, long_needles, window_needles,
-                                 windows, out_dir)  # fmt: skip
+                                 windows, out_dir)
     result["evaluation_seconds"] = time.time() - started
     result["evaluation"] = comparison
     result["table"] = format_comparison(comparison, candidate.target_window, window)

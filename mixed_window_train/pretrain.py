@@ -101,7 +101,7 @@ def parameter_count(arch: ArchitectureSettings) -> int:
 
 
 def load_recipe(config_path: Path, seed: int | None = None, out: str | None = None,
-            work_dir: str | None = None) -> tuple[PretrainConfig, Path]:  # fmt: skip
+            work_dir: str | None = None) -> tuple[PretrainConfig, Path]:
     """The recipe, the command line's overrides and the output paths, validated before anything is
     written. Returns the config and the work folder."""
     source = str(config_path)
@@ -111,7 +111,7 @@ def load_recipe(config_path: Path, seed: int | None = None, out: str | None = No
         raise RopeSearchError(f"{source}: window: {config.window} is beyond {MAX_WINDOW} tokens")
     if parameter_count(config.architecture) > MAX_PARAMETERS:
         raise RopeSearchError(f"{source}: architecture: about {parameter_count(config.architecture):.3g} parameters, "
-                              f"more than {MAX_PARAMETERS:.0e} that training from scratch here can finish")  # fmt: skip
+                              f"more than {MAX_PARAMETERS:.0e} that training from scratch here can finish")
     if not config.out.strip():
         raise RopeSearchError(f"{source}: out: empty; name the folder the finished model goes to")
     check_haystacks(config.data.haystack, source, "data.haystack")
@@ -290,7 +290,7 @@ def pretrain(config: PretrainConfig, work_dir: Path, stop_after: int | None = No
 
     def validation(step: int, previous: dict) -> dict:
         scores = evaluate_model(model, tokenizer, config.window, config.stop.documents, 10_000 + config.train.seed,
-                                config.data.haystack)  # fmt: skip
+                                config.data.haystack)
         retrieval = scores["none@1x"]["retrieval"]
         passing = step >= config.stop.min_step and retrieval >= config.stop.retrieval
         streak = previous.get("streak", 0) + 1 if passing else 0

@@ -248,7 +248,7 @@ def train(
 
     def save(step: int, metrics: dict) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                 "step": step, "metrics": metrics, "settings": settings.model_dump()}  # fmt: skip
+                 "step": step, "metrics": metrics, "settings": settings.model_dump()}
         checkpoints.save(state, step)
 
     model.train()

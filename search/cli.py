@@ -178,16 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where run folders are created (default: runs)")
     p.add_argument("--workers", type=int, help="number of scoring workers (overrides workers.count)")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, ray://host:10001); default: "
-                   "$RAY_ADDRESS or a new local cluster")  # fmt: skip
+                   "$RAY_ADDRESS or a new local cluster")
     p.add_argument("--storage", help="Optuna storage URL or journal file shared by several drivers "
-                   "(default: SQLite in the run folder)")  # fmt: skip
+                   "(default: SQLite in the run folder)")
     p.add_argument("--seed", type=int, help="sampler seed (overrides sampler.seed)")
     p.add_argument("--local", action="store_true", help="score in this process instead of Ray workers")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=_search)
 
     p = commands.add_parser("resume", help="continue a search from its run folder",
-                            description="Continue a killed or stopped search; finished evaluations are kept.")  # fmt: skip
+                            description="Continue a killed or stopped search; finished evaluations are kept.")
     p.add_argument("run_dir", help="a run folder made by `ropesearch search`")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=_resume)
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Evaluate RoPE methods (none, PI, NTK, dynamic NTK, YaRN, critical-dim "
                             "NTK), factor files and model directories (`models:`, e.g. fine-tunes) at multiples of "
                             "the model's window: table, JSON and PNG; with a `ruler:` section, also a RULER-style "
-                            "suite scored on what each one generates.")  # fmt: skip
+                            "suite scored on what each one generates.")
     p.add_argument("config", help="eval config YAML (e.g. configs/eval-tiny.yaml)")
     p.add_argument("--runs-dir", default="runs", help="parent of the output folder (default: runs)")
     p.add_argument("--out", help="output folder (default: RUNS_DIR/<name>-<time>)")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Export a run's best factors (or a factor file) for inference engines: "
                             "hf = model directory with a longrope config.json (transformers 4.x/5.x, vLLM); "
                             "gguf = copy of a GGUF model with longrope tensors (llama.cpp); json/yaml = the "
-                            "candidate with geometry and provenance.")  # fmt: skip
+                            "candidate with geometry and provenance.")
     p.add_argument("source", help="a run folder or a factor file (.json / .yaml)")
     p.add_argument("--to", required=True, choices=["hf", "gguf", "json", "yaml"], help="export target")
     p.add_argument("--model", help="the model to export into (default: the model the run searched)")
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="mixed short/long-window fine-tune with searched factors",
                             description="Fine-tune a model with packed short documents under the original RoPE and "
                             "long documents under the searched factors, in the same steps; writes an HF model "
-                            "directory carrying both factor sets, and a before/after evaluation. Resumable.")  # fmt: skip
+                            "directory carrying both factor sets, and a before/after evaluation. Resumable.")
     p.add_argument("config", help="training config YAML (e.g. configs/train-tiny.yaml)")
     p.add_argument("--runs-dir", default="runs", help="parent of the output folder (default: runs)")
     p.add_argument("--out", help="output folder; an existing one of the same config is resumed")
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("pretrain", help="train the bundled train-short model from its recipe",
                             description="Train a small Llama from scratch at a short window, with a tokenizer "
-                            "trained here; resumable (its work folder keeps checkpoints).")  # fmt: skip
+                            "trained here; resumable (its work folder keeps checkpoints).")
     p.add_argument("config", help="recipe YAML (models/tiny-llama/recipe.yaml)")
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--out", help="where the finished model goes (overrides `out`)")

@@ -23,12 +23,10 @@ import math
 
 import numpy as np
 from cmaes import CMA
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from search import trial_keys as keys
 from search.guard import rank
-from search.slots import NO_SLOT, GenerationSlots, slot_of
+from search.slots import GenerationSlots, SlotSampler, slot_of
 from search.space import ShortSpace
 
 
@@ -42,36 +40,20 @@ def generations_for(evaluations: int, seeds: int, population: int) -> int:
     return 1 + max(1, math.ceil((evaluations - seeds) / population))
 
 
-class GenerationalCmaEs(BaseSampler):
+class GenerationalCmaEs(SlotSampler):
     def __init__(self, space: ShortSpace, seeds: list[dict], sigma: float, population: int | None,
                  generations: int, seed: int = 0, max_attempts: int = 2):
+        super().__init__(seed)
         self.space, self.seeds, self.sigma, self.seed = space, [space.repair(s) for s in seeds], sigma, seed
         self.names = list(space.distributions())
         self.population = population or default_population(len(self.names))
         self.bounds = np.array([[space.low, space.high]] * len(self.names))
         self._ready: dict[int, CMA] = {}  # generation -> the optimizer about to ask it
         self._proposals: dict[int, list[dict]] = {}
-        self._assigned: dict[int, tuple[int, int]] = {}
-        self._fallback = RandomSampler(seed=seed)
         self.slots = GenerationSlots(self.generation_size, generations, max_attempts, self.proposals)
 
     def generation_size(self, generation: int) -> int:
         return len(self.seeds) if generation == 0 else self.population
-
-    # ---------------------------------------------------------------- the Optuna sampler interface
-    def infer_relative_search_space(self, study, trial):
-        return self.space.distributions()
-
-    def before_trial(self, study, trial: FrozenTrial) -> None:
-        self._assigned[keys.trial_id(trial)] = self.slots.assign(study, trial)
-
-    def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
-        generation, slot = self._assigned.pop(keys.trial_id(trial))
-        return {} if slot == NO_SLOT else dict(self.proposals(study, generation)[slot])
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        # only a trial that found no open slot gets here; it is failed as a duplicate, never scored
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     # ---------------------------------------------------------------- proposals
     def proposals(self, study, generation: int) -> list[dict]:

@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.baselines import BASELINES, COMPARED
 from fitness.config_checks import MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW, RunName
-from fitness.models import ModelSettings
+from fitness.models import ModelSettings, upgrade_model_section
 from fitness.needles import NeedleSettings
+from fitness.factor_files import candidate_from
 from search.evolution import EvolutionSettings
 from search.guard import ShortGuardSettings
 from search.pruning import PruningSettings
@@ -24,7 +25,7 @@ from search.workers import WorkerSettings
 # Keys a resumed run may change: where and how fast it runs, never what it searches
 RESUMABLE_CHANGES = ("workers.backend", "workers.count", "workers.address", "workers.cpus_per_worker",
                      "workers.gpus_per_worker", "workers.max_restarts", "workers.in_flight", "model.threads",
-                     "budget.minutes", "short_search.minutes")  # fmt: skip
+                     "budget.minutes", "short_search.minutes")
 
 
 def changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -36,6 +37,8 @@ def changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def unresumable_changes(saved: dict, current: dict) -> list[str]:
+    if isinstance(saved, dict) and "model" in saved:  # a study created before model.attention was renamed
+        saved = {**saved, "model": upgrade_model_section(saved["model"])}
     return [key for key in changed_keys(saved, current) if not key.startswith(RESUMABLE_CHANGES)]
 
 
@@ -68,7 +71,7 @@ def _holdout_default(data: dict) -> NeedleSettings:
     formats = [name for name in NEEDLE_FORMATS if name not in searched.formats] or list(searched.formats)
     unused = [name for name in BUILTIN_HAYSTACKS if name not in searched.haystack]  # the last: IDLE's text
     return NeedleSettings(haystack=unused[-1:] or ["docstrings"], formats=formats, wordings="all", seed=1000,
-                          documents=32, depths=[0.05 + 0.1 * i for i in range(10)])  # fmt: skip
+                          documents=32, depths=[0.05 + 0.1 * i for i in range(10)])
 
 
 class SearchConfig(BaseModel):
@@ -107,12 +110,10 @@ class SearchConfig(BaseModel):
             raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINES)}")
         if self.pruning.name != "none" and self.pruning.documents >= self.needles.documents:
             raise ValueError(f"pruning.documents ({self.pruning.documents}) must be fewer than needles.documents "
-                             f"({self.needles.documents}): they are the first stage of those")  # fmt: skip
+                             f"({self.needles.documents}): they are the first stage of those")
         return self
 
     def target(self, original_window: int) -> int:
         if self.scale is None and self.target_window is None:  # the given long factors' own target
-            from fitness.factors import RopeCandidate
-
-            return RopeCandidate.from_source(self.long_factors).target_window
+            return candidate_from(self.long_factors).target_window
         return self.target_window or int(round(original_window * self.scale))

@@ -13,6 +13,7 @@ marked failed as "interrupted" and their slots are asked again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from fitness.factors import RopeCandidate
 from fitness.geometry import RopeGeometry
+from fitness.factor_files import load_factor_file
 from search.guard import (SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost,
                           violation)
 from search.liveness import Heartbeat, fail_interrupted
@@ -108,7 +110,7 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
     study, trial = ctx.study, asked.trial
     if error is None and asked.first_stage is not None:
         score = asked.first_stage.then(score)
-    if error is None and not (score.fitness == score.fitness):  # NaN fitness is a failed evaluation
+    if error is None and math.isnan(score.value):  # a NaN told value is a failed evaluation
         error = "fitness is NaN"
     if error is not None:
         keys.set_trial_system_attr(study, trial, ERROR, error[:500])
@@ -116,7 +118,7 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
         return False
     _keep_scores(ctx, trial, score)
     record_cost(study, trial, score.short_cost, ctx.guard, score.window_violation)  # before tell: samplers read it
-    ctx.study.tell(asked.trial, score.fitness)
+    ctx.study.tell(asked.trial, score.value)
     return True
 
 
@@ -141,9 +143,9 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
     pruned = 0
     for asked, score in zip(outcome.job.tag, outcome.scores):
         asked.first_stage = score
-        if asked.trial is None or score.fitness != score.fitness:
+        if asked.trial is None or math.isnan(score.value):
             continue
-        asked.trial.report(score.fitness, step=len(outcome.job.documents))
+        asked.trial.report(score.value, step=len(outcome.job.documents))
         if asked.trial.should_prune():
             _keep_scores(ctx, asked.trial, score)
             ctx.study.tell(asked.trial, state=TrialState.PRUNED)
@@ -203,7 +205,7 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
     for outcome in pool.run(deque(Job(name, [c]) for name, c in ctx.seeds.items())):
         if outcome.error is None:
             score = outcome.scores[0]
-            results[outcome.job.tag] = {ctx.objective: score.fitness, "retrieval": score.retrieval}
+            results[outcome.job.tag] = {ctx.objective: score.value, "retrieval": score.retrieval}
             if score.short_cost is not None:  # measured wherever the worker has the guard's text
                 results[outcome.job.tag][SHORT_COST] = score.short_cost
             if score.window_needles is not None:
@@ -236,7 +238,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
     budget = total_budget(ctx)
     k, capacity = config.workers.candidates_per_forward, config.workers.count * config.workers.in_flight
     progress = tqdm(total=budget, initial=completed(ctx), desc="search", unit="eval", disable=quiet,
-                    dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+                    dynamic_ncols=True, mininterval=1.0)
     open_trials: set[int] = set()  # asked here, not settled yet
     outstanding = 0  # jobs queued or running
     out_of_time = False
@@ -356,7 +358,7 @@ def write_json(path: Path, data) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _trial_ids(job: Job) -> set[int]:
+def _trial_ids(job: Job[list[Asked]]) -> set[int]:
     return {keys.trial_id(a.trial) for a in job.tag if a.trial is not None}
 
 
@@ -368,11 +370,11 @@ def best_value(ctx: SearchContext) -> float:
 def _kept_best(path: Path) -> RopeCandidate | None:
     """The candidate already in best_factors.json, if it is readable and has a told value."""
     try:
-        kept = RopeCandidate.load(path)
+        kept = load_factor_file(path)
     except (OSError, ValueError):
         return None
     value = objective_value(kept.params)
-    return kept if isinstance(value, (int, float)) and value == value else None
+    return kept if isinstance(value, (int, float)) and not math.isnan(value) else None
 
 
 def _guarded_rank(ctx: SearchContext, candidate: RopeCandidate) -> tuple[float, float]:

@@ -11,7 +11,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness import output
-from fitness.config_checks import MAX_TARGET_WINDOW, RunName, check_haystacks, check_model, check_short_lengths, naming
+from fitness.config_checks import (MAX_TARGET_WINDOW, RunName, check_haystacks, check_model, check_short_lengths,
+                                   model_geometry, naming)
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, per_format, short_text_costs
@@ -20,7 +21,7 @@ from fitness.baselines import BASELINES, COMPARED
 from fitness.factor_files import factors_from
 from fitness.factors import RopeCandidate
 from fitness.geometry import geometry_from_config
-from fitness.models import ModelSettings, load_config, load_model, load_tokenizer, machine_name
+from fitness.models import ModelSettings, load_model, load_tokenizer, machine_name
 from fitness.needles import NeedleSettings, build_needle_set, tokenizer_fingerprint
 from fitness.ruler import RULER_TASKS, RulerResults, RulerSettings, build_suite, evaluate_ruler
 from fitness.scoring import score_model
@@ -100,9 +101,7 @@ def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandi
     sizes, the model's files and geometry, the lengths, the haystacks, every factor file or method."""
     source = str(config_path)
     config = load_yaml(config_path, EvalConfig)
-    check_model(config.model, source)
-    with naming(source, "model.name"):
-        geometry = geometry_from_config(load_config(config.model.name))
+    geometry = model_geometry(config.model, source)
     window = geometry.original_window
     longest = max(int(round(window * m)) for m in config.multiples)
     if not 1 < longest <= MAX_TARGET_WINDOW:

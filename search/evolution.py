@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import random
 
-from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.baselines import baseline
-from search import trial_keys as keys
-from search.slots import NO_SLOT, GenerationSlots, finished_history, pruned_before
+from search.slots import GenerationSlots, SlotSampler, finished_history, pruned_before
 from search.space import RopeSpace
 
 
@@ -43,32 +41,17 @@ class EvolutionSettings(BaseModel):
         return self
 
 
-class EvolutionarySampler(BaseSampler):
+class EvolutionarySampler(SlotSampler):
     def __init__(self, space: RopeSpace, settings: EvolutionSettings, seed: int = 0):
+        super().__init__(seed)
         self.space, self.settings, self.seed = space, settings, seed
         self._proposals: dict[int, list[dict]] = {}
-        self._assigned: dict[int, tuple[int, int]] = {}
-        self._fallback = RandomSampler(seed=seed)
         # the book of slots the driver asks; the sampler itself only learns which slot a new trial fills
         self.slots = GenerationSlots(self.generation_size, settings.generations, settings.max_attempts,
                                      self.proposals)
 
     def generation_size(self, generation: int) -> int:
         return self.settings.population if generation == 0 else self.settings.mutations + self.settings.crossovers
-
-    # ---------------------------------------------------------------- the Optuna sampler interface
-    def infer_relative_search_space(self, study, trial):
-        return self.space.distributions()
-
-    def before_trial(self, study, trial: FrozenTrial) -> None:
-        self._assigned[keys.trial_id(trial)] = self.slots.assign(study, trial)
-
-    def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
-        generation, slot = self._assigned.pop(keys.trial_id(trial))
-        return {} if slot == NO_SLOT else dict(self.proposals(study, generation)[slot])
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     # ---------------------------------------------------------------- proposals
     def proposals(self, study, generation: int) -> list[dict]:
@@ -109,7 +92,7 @@ class EvolutionarySampler(BaseSampler):
     def _random(self, rng: random.Random) -> dict:
         space = self.space
         params = {f"f{i}": space.factor_low + (space.factor_high - space.factor_low) * rng.random() ** 2
-                  for i in range(space.first_searched, space.pairs)}  # fmt: skip
+                  for i in range(space.first_searched, space.pairs)}
         if space.critical:
             params["critical_dim"] = rng.randint(*space.critical_range)
         if space.settings.search_attention:
@@ -142,7 +125,7 @@ class EvolutionarySampler(BaseSampler):
         crossed = self._fill(
             rng, lambda: self._cross(rng, *rng.sample(parents, 2) if len(parents) > 1 else parents * 2),
             self.settings.crossovers, seen,
-        )  # fmt: skip
+        )
         return mutants + crossed
 
     def _mutate(self, rng: random.Random, parent: dict) -> dict:

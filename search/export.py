@@ -10,6 +10,9 @@ Every exporter builds its result under a unique hidden name beside the target an
 at the end, never over anything (fitness.output): a failure leaves nothing behind. Nothing is linked
 to the source: a user who loads the export and saves into it (`save_pretrained`) must not change the
 model it came from.
+
+To add a target: `@register_exporter("name") def export_name(candidate, model, out, **options) -> Path`
+that builds inside `with new_output(out, "--out") as scratch:`; `--to name` finds it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
 from fitness.models import load_config, load_model, resolve
 from fitness.output import new_output
+from fitness.factor_files import candidate_from
 
 EXPORTERS: dict[str, Callable[..., Path]] = {}
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".py", ".jinja")
@@ -111,7 +115,7 @@ def export_gguf(candidate: RopeCandidate, model: str, out: Path, static: bool = 
         )
     if static and candidate.short_factors is not None and candidate.short_factors != candidate.long_factors:
         warnings.warn("--static writes one factor vector for every length: the searched short factors are left "
-                      "out (llama.cpp then applies the long ones to short prompts too)", stacklevel=2)  # fmt: skip
+                      "out (llama.cpp then applies the long ones to short prompts too)", stacklevel=2)
     new_keys = gguf_metadata(candidate, arch, static)
     # never rope.scaling.factor with longrope (dropped below): llama.cpp would apply it on top of the factors
     if static:
@@ -184,4 +188,4 @@ def export_yaml(candidate: RopeCandidate, model: str | None, out: Path) -> Path:
 
 def read_source(source: Path) -> RopeCandidate:
     """A run folder (its best factors and config) or a factor file, checked before anything is written."""
-    return RopeCandidate.from_source(source)
+    return candidate_from(source)

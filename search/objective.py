@@ -20,7 +20,7 @@ TEXT_PPL = "text_ppl"
 TEXT_PPL_RATIO = "text_ppl_ratio"
 # how plots and status name each
 LABELS = {NEEDLE_PPL: "needle PPL (search documents)", TEXT_PPL: "general-text PPL",
-          TEXT_PPL_RATIO: "general-text PPL / the model's own, worst length"}  # fmt: skip
+          TEXT_PPL_RATIO: "general-text PPL / the model's own, worst length"}
 LEGACY = "fitness"  # both stages' key before the rename: in committed results and users' old runs
 
 

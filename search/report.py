@@ -49,14 +49,14 @@ def by_format(report: dict) -> dict[str, dict]:
             continue
         searched = rows.pop("searched")
         entry = {"documents": searched["documents"], "searched_ppl": searched["needle_ppl"],
-                 "searched_retrieval": searched["retrieval"]}  # fmt: skip
+                 "searched_retrieval": searched["retrieval"]}
         if rows:
             best = min(rows, key=lambda k: rows[k]["needle_ppl"])
             entry.update(best_baseline=best, best_baseline_ppl=rows[best]["needle_ppl"],
-                         vs_best_baseline=searched["needle_ppl"] / rows[best]["needle_ppl"] - 1)  # fmt: skip
+                         vs_best_baseline=searched["needle_ppl"] / rows[best]["needle_ppl"] - 1)
         if "yarn" in rows:
             entry.update(yarn_ppl=rows["yarn"]["needle_ppl"], yarn_retrieval=rows["yarn"]["retrieval"],
-                         vs_yarn=searched["needle_ppl"] / rows["yarn"]["needle_ppl"] - 1)  # fmt: skip
+                         vs_yarn=searched["needle_ppl"] / rows["yarn"]["needle_ppl"] - 1)
         summary[name] = entry
     return summary
 
@@ -94,7 +94,7 @@ def format_table_by_format(methods: dict, indent: str = "  ") -> list[str]:
             cells += f"{text:>{width}}"
         lines.append(f"{indent}{method:<14}{cells}")
     counts = {n: next(r["formats"][n]["documents"] for r in methods.values() if n in r.get("formats", {}))
-              for n in names}  # fmt: skip
+              for n in names}
     lines.append(f"{indent}{'(documents)':<14}" + "".join(f"{counts[n]:>{width}}" for n in names))
     return lines
 
@@ -122,7 +122,7 @@ def format_report(report: dict) -> str:
         lines.append("searched vs YaRN per format: " + ", ".join(
             f"{name} {row['vs_yarn']:+.1%} (retrieval {row['searched_retrieval']:.0%} vs {row['yarn_retrieval']:.0%})"
             for name, row in summary["formats"].items() if "vs_yarn" in row
-        ))  # fmt: skip
+        ))
     return "\n".join(lines)
 
 
@@ -142,19 +142,19 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None,
         f"study {study.study_name}: {settled} evaluations" + (f" of {total}" if total else "")
         + (f" ({count[TrialState.PRUNED]} pruned)" if count[TrialState.PRUNED] else "")
         + f", {count[TrialState.RUNNING]} running, {count[TrialState.FAIL]} failed"
-    ]  # fmt: skip
+    ]
     if sampler_state is not None:
         lines.append("all generations done" if sampler_state.finished else
                      f"generation {sampler_state.generation}: {len(sampler_state.open_slots)} slots open, "
-                     f"{sampler_state.running} running")  # fmt: skip
+                     f"{sampler_state.running} running")
     if count[TrialState.COMPLETE]:
         best = best_trial(study)
         lines.append(f"best so far on the search documents: {what} {best.value:.4g} (trial {best.number}"
-                     f"{_retrieval(best.user_attrs.get('retrieval'))}{_cost(best.user_attrs.get(SHORT_COST))})")  # fmt: skip
+                     f"{_retrieval(best.user_attrs.get('retrieval'))}{_cost(best.user_attrs.get(SHORT_COST))})")
         for name, row in sorted(baselines.items(), key=lambda item: objective_value(item[1])):
             value = objective_value(row)
             lines.append(f"  {name:<14}{value:>10.4g}  ({best.value / value - 1:+.1%} searched vs it)"
-                         + _cost(row.get(SHORT_COST)))  # fmt: skip
+                         + _cost(row.get(SHORT_COST)))
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         reasons = {}
@@ -203,7 +203,7 @@ def format_short_report(result: dict) -> str:
 def format_pruning(saved: dict) -> str:
     return (f"multi-fidelity: {saved['pruned']} of {saved['candidates']} candidates pruned after "
             f"{saved['first_stage_documents']} of {saved['documents']} documents; "
-            f"{saved['scorings_saved']} candidate x document scorings saved ({saved['saved_fraction']:.0%})")  # fmt: skip
+            f"{saved['scorings_saved']} candidate x document scorings saved ({saved['saved_fraction']:.0%})")
 
 
 def plot_factors(candidate: RopeCandidate, geometry: RopeGeometry, target: int, path: Path) -> None:
@@ -243,7 +243,7 @@ def plot_short_factors(candidate: RopeCandidate, seeds: dict[str, RopeCandidate]
     ax.set_xlabel("frequency pair i (0 = highest frequency)")
     ax.set_ylabel("rescale factor λ_i")
     ax.set_title(f"short factors (inside {candidate.geometry.original_window} tokens), attention factor "
-                 f"{candidate.attention_factor:.4g}")  # fmt: skip
+                 f"{candidate.attention_factor:.4g}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

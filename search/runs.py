@@ -21,7 +21,6 @@ held-out report.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
@@ -31,15 +30,14 @@ from pathlib import Path
 import optuna
 import yaml
 
+from fitness import output
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
-from fitness.geometry import geometry_from_config
-from fitness.models import load_config
-from fitness.factors import RopeCandidate, check_geometry
+from fitness.factors import check_geometry
 from search import driver, long_stage, short_stage
 from search import trial_keys as keys
-from fitness.config_checks import (MAX_TARGET_WINDOW, check_haystacks, check_model,
-                                   naming)  # fmt: skip
+from fitness.config_checks import MAX_TARGET_WINDOW, check_haystacks, model_geometry, naming
+from fitness.factor_files import candidate_from
 from search.config import SearchConfig, unresumable_changes
 from search.space import RopeSpace
 from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
@@ -59,14 +57,12 @@ def _target_of_given_factors(data: dict, source: str) -> None:
     """With `long_factors` and no target, the target is the one the given factors were made for."""
     if data.get("long_factors") and "scale" not in data and "target_window" not in data:
         with naming(source, "long_factors"):
-            data["target_window"] = RopeCandidate.from_source(str(data["long_factors"])).target_window
+            data["target_window"] = candidate_from(str(data["long_factors"])).target_window
 
 
 def check_search(config: SearchConfig, source: str) -> None:
     """Everything a search config points at: model, target, space, haystacks, storage, cluster."""
-    check_model(config.model, source)
-    with naming(source, "model.name"):
-        geometry = geometry_from_config(load_config(config.model.name))
+    geometry = model_geometry(config.model, source)
     target = config.target(geometry.original_window)
     if target > MAX_TARGET_WINDOW:
         key = "scale" if config.scale is not None else "target_window"
@@ -76,11 +72,11 @@ def check_search(config: SearchConfig, source: str) -> None:
     given = None
     if config.long_factors is not None:
         with naming(source, "long_factors"):
-            given = RopeCandidate.from_source(config.long_factors)
+            given = candidate_from(config.long_factors)
             check_geometry(given, geometry, source=config.long_factors)
         if given.target_window != target:
             raise RopeSearchError(f"{source}: long_factors {config.long_factors} were made for {given.target_window} "
-                                  f"tokens, the config's target is {target}")  # fmt: skip
+                                  f"tokens, the config's target is {target}")
     check_haystacks(config.needles.haystack, source, "needles.haystack")
     check_haystacks(config.holdout.haystack, source, "holdout.haystack")
     if config.short_search is not None:  # builds documents from those haystacks
@@ -115,7 +111,7 @@ def create(config: SearchConfig, runs_dir: Path) -> Path:
     try:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         if config.long_factors is not None:  # the long stage's result, given
-            RopeCandidate.from_source(config.long_factors).save(tmp / "best_factors.json")
+            candidate_from(config.long_factors).save(tmp / "best_factors.json")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(config.storage, tmp)
         _no_clash(storage, config)
@@ -156,7 +152,7 @@ def _same_search(saved: dict, config: SearchConfig, where: str) -> None:
     if changed:
         raise RopeSearchError(f"{where}: {', '.join(changed[:8])} differ from the config the study was created "
                               f"with; put them back (workers, model.threads and budget.minutes may change), or "
-                              f"start a new study under another name")  # fmt: skip
+                              f"start a new study under another name")
 
 
 def load(run_dir: Path) -> SearchConfig:
@@ -188,16 +184,9 @@ def open_run(run_dir: Path, config: SearchConfig, read_only: bool = False) -> dr
 @contextmanager
 def driver_lock(run_dir: Path):
     """One driver per run folder: two resumes of it at once would fight over the same trials."""
-    fd = os.open(Path(run_dir) / "driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EnvironmentFault(f"{run_dir} is being resumed elsewhere (another driver holds it); wait for "
-                                   f"it to finish or stop it, then `ropesearch resume {run_dir}`") from None
+    with output.held(Path(run_dir) / "driver.lock", f"{run_dir} is being resumed elsewhere (another driver holds "
+                     f"it); wait for it to finish or stop it, then `ropesearch resume {run_dir}`"):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock; a killed driver's lock goes with its process
 
 
 def run(run_dir: Path, stop_after: int | None = None, quiet: bool = False) -> dict:

@@ -45,6 +45,7 @@ from fitness.factors import RopeCandidate
 from fitness.general_text import GENERAL_ENGLISH, default_short_lengths, text_windows
 from fitness.models import load_model, load_tokenizer, machine_name
 from fitness.needles import BUILTIN_HAYSTACKS, NeedleSettings, build_needle_set
+from fitness.factor_files import load_factor_file
 from search import driver, report
 from search import trial_keys as keys
 from search.trial_keys import BASELINES, LONG_CANDIDATE as LONG_ATTR
@@ -209,7 +210,7 @@ def make_sampler(settings: ShortSearchSettings, space: ShortSpace, seeds: dict[s
 
 def long_candidate(run_dir: Path) -> RopeCandidate:
     """The long stage's winner, its provenance kept under "long_stage"."""
-    long = RopeCandidate.load(Path(run_dir) / "best_factors.json")
+    long = load_factor_file(Path(run_dir) / "best_factors.json")
     return long.model_copy(update={"short_factors": None, "params": {"long_stage": long.params}})
 
 

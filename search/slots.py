@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search import trial_keys as keys
@@ -200,3 +201,33 @@ def _drop_duplicates(study, generation: int, by_slot: dict) -> None:
         slot = slot_of(trial)
         if slot and slot[0] == generation and slot[1] in by_slot and trial.number < by_slot[slot[1]].number:
             _fail(study, by_slot.pop(slot[1]), f"{DUPLICATE} of trial {trial.number}")
+
+
+class SlotSampler(BaseSampler):
+    """The Optuna side of a sampler that works by generations (the evolution, CMA-ES): each new trial is
+    given a slot of `self.slots`, and its parameters are that slot's proposal, `self.proposals(study,
+    generation)[slot]`, a pure function the subclass writes. Only the study calls these methods."""
+
+    space = None  # the subclass's search space: its distributions are the relative search space
+    slots: GenerationSlots
+
+    def __init__(self, seed: int):
+        self._assigned: dict[int, tuple[int, int]] = {}
+        self._fallback = RandomSampler(seed=seed)
+
+    def proposals(self, study, generation: int) -> list[dict]:
+        raise NotImplementedError
+
+    def infer_relative_search_space(self, study, trial):
+        return self.space.distributions()
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        self._assigned[keys.trial_id(trial)] = self.slots.assign(study, trial)
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space) -> dict:
+        generation, slot = self._assigned.pop(keys.trial_id(trial))
+        return {} if slot == NO_SLOT else dict(self.proposals(study, generation)[slot])
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        # only a trial that found no open slot gets here; it is failed as a duplicate, never scored
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from fitness.errors import RopeSearchError
 from fitness.baselines import critical_dim_shape
@@ -29,7 +29,7 @@ class SpaceSettings(BaseModel):
     mode: Literal["critical", "free"] = "critical"
     critical_dim_range: tuple[int, int] | None = None  # None: LongRoPE2's (10-turn pair, theoretical)
     upper: float = Field(default=2.0, ge=1.0)  # factors at/above the critical pair lie in [s, upper*s]
-    attention: str = "longrope"  # a formula name (longrope, yarn, none) or a number
+    attention: Literal["longrope", "yarn", "none"] | PositiveFloat = "longrope"  # a formula's name, or the factor
     search_attention: bool = False
     attention_range: tuple[float, float] = (0.8, 1.3)  # multiples of the fixed attention factor
 
@@ -39,18 +39,6 @@ class SpaceSettings(BaseModel):
         if value is not None and value[0] > value[1]:
             raise ValueError("must be [low, high] with low <= high")
         return value
-
-    @field_validator("attention")
-    @classmethod
-    def _attention(cls, value):
-        if value in ATTENTION_FACTORS:
-            return value
-        try:
-            if float(value) > 0:
-                return value
-        except ValueError:
-            pass
-        raise ValueError(f"must be one of {list(ATTENTION_FACTORS)} or a positive number, got {value!r}")
 
     @field_validator("attention_range")
     @classmethod
@@ -109,7 +97,7 @@ class RopeSpace:
         if self.critical:
             start = fixed["critical_dim"] = int(min(max(round(params["critical_dim"]), low), high))
         clamped = {i: min(max(float(params[f"f{i}"]), self.factor_low), self.factor_high)
-                   for i in range(self.first_searched, self.pairs)}  # fmt: skip
+                   for i in range(self.first_searched, self.pairs)}
         active = sorted(clamped[i] for i in range(start, self.pairs))
         clamped.update(zip(range(start, self.pairs), active))
         fixed.update({f"f{i}": value for i, value in clamped.items()})

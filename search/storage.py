@@ -67,7 +67,7 @@ def check_study_file(run_dir: Path) -> None:
     empty one would silently make a new, empty study."""
     db = Path(run_dir) / STUDY_DB
     recover = (f"its evaluations are lost; {run_dir / 'best_factors.json'} keeps the best found so far, and "
-               f"`ropesearch search {run_dir / 'config.yaml'}` starts over in a new run folder")  # fmt: skip
+               f"`ropesearch search {run_dir / 'config.yaml'}` starts over in a new run folder")
     if not db.is_file():
         raise EnvironmentFault(f"{db} is missing: {recover}")
     if db.stat().st_size == 0:
@@ -96,7 +96,7 @@ def open_storage(spec: str | None, run_dir: Path, read_only: bool = False) -> op
     if "://" not in url:
         if not url.endswith(JOURNAL_SUFFIXES):
             raise RopeSearchError(f"storage {url!r}: give an RDB URL (sqlite:///..., postgresql://...) or a journal "
-                                  f"file ending in {', '.join(JOURNAL_SUFFIXES)}")  # fmt: skip
+                                  f"file ending in {', '.join(JOURNAL_SUFFIXES)}")
         return JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
     timeout = float(os.environ.get("ROPESEARCH_SQLITE_TIMEOUT", SQLITE_TIMEOUT_S))
     kwargs = {"connect_args": {"timeout": timeout}} if url.startswith("sqlite") else {"pool_pre_ping": True}

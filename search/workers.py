@@ -21,7 +21,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Generic, Iterator, Literal, Sequence, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +38,7 @@ from fitness.scoring import Score, fitness_by_group, fitness_of, score_candidate
 from search.guard import ShortGuardSettings, WindowNeedleSettings, group_scores, window_needle_violation
 
 log = logging.getLogger("ropesearch")
+Tag = TypeVar("Tag")
 RAY_CONNECT_TIMEOUT_S = 5.0  # Ray itself retries a dead address for about a minute, silently
 
 
@@ -111,7 +112,7 @@ class Batch:
 class CandidateScore:
     """One candidate's score as it comes back from a worker."""
 
-    fitness: float  # needle PPL: exp(mean over documents of the mean answer-token NLL); text PPL for TextWorker
+    value: float  # the told value: needle PPL (exp of the mean answer-token NLL) or, for TextWorker, text PPL or its worst ratio
     retrieval: float | None
     document_nll: list[float]
     document_exact: list[bool]
@@ -126,15 +127,15 @@ class CandidateScore:
 
     @classmethod
     def of(cls, score: Score, seconds: float, short_cost: float | None = None,
-           document_format: Sequence[str] = ()) -> "CandidateScore":  # fmt: skip
+           document_format: Sequence[str] = ()) -> "CandidateScore":
         return cls(score.fitness, score.retrieval, score.document_nll, score.document_exact, seconds, short_cost,
-                   list(document_format))  # fmt: skip
+                   list(document_format))
 
     def then(self, second: "CandidateScore") -> "CandidateScore":
         """This first-stage score joined with the same candidate's score on the remaining documents."""
         joined = fitness_of(self.document_nll + second.document_nll, self.document_exact + second.document_exact)
         return CandidateScore.of(joined, self.seconds + second.seconds, self.short_cost,
-                                 self.document_format + second.document_format)  # fmt: skip
+                                 self.document_format + second.document_format)
 
     def by_format(self) -> dict[str, Score]:
         """Needle PPL and retrieval over the documents of each needle format, in first-seen order; computed
@@ -154,7 +155,7 @@ class ScoringWorker:
         if setup.guard is not None:  # the short-window guard's text: plain haystack at a short length
             window = geometry_from_config(self.model.config).original_window
             self.guard_windows = haystack_windows(self.tokenizer, setup.needles.haystack,
-                                                  setup.guard.length or window, setup.guard.windows)  # fmt: skip
+                                                  setup.guard.length or window, setup.guard.windows)
             self.guard_base = perplexity(self.model, self.guard_windows)
 
     def info(self) -> dict:
@@ -170,7 +171,7 @@ class ScoringWorker:
         costs = [None] * len(scores)
         if self.guard_windows is not None and (documents is None or 0 in documents):  # not again in a 2nd stage
             costs = [ppl / self.guard_base - 1 for ppl in candidate_perplexities(self.model, self.guard_windows,
-                                                                                  candidates)]  # fmt: skip
+                                                                                  candidates)]
         seconds = (time.perf_counter() - started) / len(candidates)
         formats = needles.document_formats()
         return [CandidateScore.of(s, seconds, cost, formats) for s, cost in zip(scores, costs)]
@@ -226,10 +227,11 @@ WORKERS = {WorkerSetup: ScoringWorker, TextSetup: TextWorker}
 
 
 @dataclass
-class Job:
-    """A batch of candidates to score; `tag` is the caller's and stays on the caller's side."""
+class Job(Generic[Tag]):
+    """A batch of candidates to score; `tag` is the caller's (the driver's asked trials, or a seed's name)
+    and stays on the caller's side."""
 
-    tag: object
+    tag: Tag
     candidates: Sequence[RopeCandidate]
     documents: list[int] | None = None
 

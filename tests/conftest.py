@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fitness.factors import RopeCandidate
+from fitness.factor_files import load_factor_file
 from search import runs
 from tests.search_helpers import history_of, write_config
 
@@ -68,4 +68,4 @@ def reference_history(tmp_path_factory):
     config = runs.load_search_config(write_config(tmp, **{"workers.backend": "ray", "workers.count": 1}))
     run_dir = runs.create(config, tmp / "runs")
     runs.run(run_dir, quiet=True)
-    return history_of(run_dir), RopeCandidate.load(run_dir / "best_factors.json")
+    return history_of(run_dir), load_factor_file(run_dir / "best_factors.json")

@@ -1,47 +1,19 @@
 """Helpers shared by the search and fault tests: a small search config on the bundled model, and
 ways to launch, inspect and compare runs."""
 
-import json
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from optuna.trial import TrialState
 
+from benchmarks.small_search import SMALL, write_config  # noqa: F401  (the tests' small search)
 from search import long_stage, runs
 from search.slots import slot_of
 
 REPO = Path(__file__).resolve().parents[1]
-
-SMALL = {
-    "name": "small",
-    "model": {"name": "tiny", "device": "cpu", "threads": 1},
-    "scale": 4,
-    "needles": {"documents": 4, "seed": 3},
-    "holdout": {"documents": 4, "seed": 99, "haystack": ["docstrings"]},
-    "sampler": {
-        "seed": 5,
-        "evolution": {"population": 8, "parents": 4, "mutations": 2, "crossovers": 2, "generations": 4},
-    },
-    "workers": {"backend": "local", "count": 1, "candidates_per_forward": 2, "documents_per_forward": 2},
-    "baselines": ["none", "yarn", "critical_ntk"],
-}
-
-
-def write_config(tmp_path, **changes):
-    config = json.loads(json.dumps(SMALL))
-    for dotted, value in changes.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def history_of(run_dir):
@@ -72,4 +44,4 @@ def completed_in(db: Path) -> int:
 def launch(args, cwd=REPO, env=None, module="search.cli", **kwargs):
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, **kwargs)  # fmt: skip
+                            stderr=subprocess.PIPE, start_new_session=True, **kwargs)

@@ -297,7 +297,7 @@ def test_not_yaml(tmp_path, capsys):
 
 def test_argparse_errors_exit_2_without_traceback():
     result = subprocess.run([sys.executable, "-m", "search.cli", "export", "x.json", "--to", "onnx"],
-                            cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                            cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -23,7 +23,7 @@ def free_port() -> int:
 
 def node(*args, env):
     return subprocess.Popen([RAY, "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_search_on_a_two_node_cluster(tmp_path, reference_history):
         # one CPU per node and one CPU per worker: the two workers must land on the two nodes
         config = write_config(tmp_path, **{"workers.backend": "ray", "workers.count": 2})
         search = launch(["search", str(config), "--runs-dir", str(tmp_path / "runs"), "--address",
-                         f"127.0.0.1:{port}"], env={"RAY_AUTH_MODE": "disabled"})  # fmt: skip
+                         f"127.0.0.1:{port}"], env={"RAY_AUTH_MODE": "disabled"})
         assert search.wait(timeout=600) == 0, search.stderr.read().decode()[-2000:]
         run_dir = next((tmp_path / "runs").iterdir())
         assert history_of(run_dir) == reference_history[0]
@@ -58,5 +58,5 @@ def test_search_on_a_two_node_cluster(tmp_path, reference_history):
 def _nodes(port, env):
     out = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{port}', "
                           "log_to_driver=False); print(len([n for n in ray.nodes() if n['Alive']]), 'node')"],
-                         env=env, capture_output=True)  # fmt: skip
+                         env=env, capture_output=True)
     return [out.stdout]

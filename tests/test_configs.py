@@ -7,7 +7,7 @@ import pytest
 
 from fitness.config_io import load_yaml, read_yaml
 from fitness.baselines import BASELINES
-from fitness.factors import RopeCandidate
+from fitness.factor_files import load_factor_file
 from mixed_window_train.finetune import FinetuneConfig
 from mixed_window_train.pretrain import PretrainConfig
 from search.config import SearchConfig
@@ -39,7 +39,7 @@ def test_a_shipped_config_validates_and_its_factor_files_load(path):
     config = load_yaml(path, schema(path))
     for name in factor_files(config):
         file = REPO / name
-        candidate = RopeCandidate.load(file / "best_factors.json" if file.is_dir() else file)
+        candidate = load_factor_file(file / "best_factors.json" if file.is_dir() else file)
         assert len(candidate.long_factors) == candidate.geometry.pairs
 
 
@@ -96,3 +96,34 @@ def test_the_yarn_control_is_the_searched_fine_tune_but_for_its_factors():
     needles = load_yaml(REPO / "configs" / "train-smollm2-32k.yaml", FinetuneConfig).evaluation.needles
     assert needles.formats == ["magic_number", "pass_key", "key_value", "multi_needle", "word"]
     assert needles.haystack == ["idle"] and needles.seed == 1000 and needles.documents == 8 * 5
+
+
+def test_an_attention_factor_is_a_name_or_a_number_and_the_kernel_key_keeps_its_old_name(tmp_path):
+    """`space.attention: 1.05` (unquoted) is the factor 1.05; `model.attention`, the old name of the kernel
+    key, still loads (with a warning) and a run created under it still resumes."""
+    import warnings
+
+    import yaml
+
+    from search import runs
+    from search.config import unresumable_changes
+    from search.space import RopeSpace
+    from tests.search_helpers import write_config
+
+    path = write_config(tmp_path, **{"space.attention": 1.05, "model.attention": "eager"})
+    assert "attention: 1.05" in path.read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = runs.load_search_config(path)
+    assert any("attn_implementation" in str(w.message) for w in caught)
+    assert config.model.attn_implementation == "eager" and config.space.attention == 1.05
+    from fitness.geometry import geometry_from_config
+    from fitness.models import load_config
+
+    geometry = geometry_from_config(load_config("tiny"))
+    assert RopeSpace(geometry, 1024, config.space).attention == 1.05
+    old = yaml.safe_load(path.read_text())  # what a study created before the rename kept
+    old["model"] = {**config.model.model_dump(mode="json"), "attention": "eager"}
+    del old["model"]["attn_implementation"]
+    saved = {**config.model_dump(mode="json"), "model": old["model"]}
+    assert unresumable_changes(saved, config.model_dump(mode="json")) == []

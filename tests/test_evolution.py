@@ -95,7 +95,7 @@ def test_journal_storage_works_too(tmp_path):
 def test_optuna_samplers_share_the_space(tmp_path):
     space = RopeSpace(GEOMETRY, 1024, SpaceSettings())
     for sampler in (optuna.samplers.TPESampler(seed=0), optuna.samplers.CmaEsSampler(seed=0),
-                    optuna.samplers.RandomSampler(seed=0)):  # fmt: skip
+                    optuna.samplers.RandomSampler(seed=0)):
         study = optuna.create_study(sampler=sampler)
         for _ in range(12):
             trial = study.ask(space.distributions())

@@ -39,7 +39,7 @@ def test_every_wording_is_token_exact_with_its_answer_as_labels(tokenizer, pydoc
 
     settings = NeedleSettings(formats=[format_name], wordings="all")
     ids, answers, meta = build_document(tokenizer, pydoc, settings, 400, random.Random(wording), 0.5, format_name,
-                                        wording)  # fmt: skip
+                                        wording)
     assert len(ids) == 400 and answers[-1] == 399
     answer = meta["values"][meta["asked"]]
     assert tokenizer.decode([ids[i] for i in answers]).strip() == answer
@@ -67,7 +67,7 @@ PINNED = {  # (haystack, fingerprint, seed, depths): sha256 of the 32 documents 
     ("pydoc", "461301e7ee2221fd", 0, None): "58818d7dd06b1ad8",
     ("docstrings", "dc5d20735a32775a", 1000, (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)):
         "4daa9f93a4c1eb36",
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("haystack, fingerprint, seed, depths", list(PINNED), ids=["search", "holdout"])
@@ -129,7 +129,7 @@ def test_evaluation_and_report_break_results_down_by_format(tiny):
 
     report = {"length": 512, "original_window": 256, "documents": 4, "haystack": ["pydoc"], "seed": 3,
               "methods": {"none": results["none"][512], "yarn": results["yarn"][512],
-                          "searched": results["yarn"][512]}, "in_window": 1.5}  # fmt: skip
+                          "searched": results["yarn"][512]}, "in_window": 1.5}
     summary = gap_closed(report)
     assert set(summary["formats"]) == {"magic_number", "word"}
     assert summary["formats"]["word"]["vs_yarn"] == 0

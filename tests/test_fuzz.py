@@ -21,7 +21,7 @@ SEED = 15
 CASES = {"search": 80, "train": 40, "factors": 40, "eval": 200}
 CASE_SECONDS = 60  # a case that takes longer is a hang
 ODD_VALUES = [float("nan"), float("inf"), float("-inf"), 10**12, -(10**12), 10**30, 1e308, -1, 0, 0.5, "text", "",
-              [], {}, None, True, [float("nan")], [-1, "x"]]  # fmt: skip
+              [], {}, None, True, [float("nan")], [-1, "x"]]
 
 
 def paths(data, prefix=()):
@@ -84,7 +84,7 @@ def haystack(tmp_path):
 def test_mutated_search_configs(tmp_path, capsys, monkeypatch, haystack):
     monkeypatch.setattr(cli, "_run", lambda run_dir, stop_after: 0)  # accepted: the run folder is the outcome
     base = {**SMALL, "needles": {**SMALL["needles"], "haystack": [haystack]},
-            "holdout": {**SMALL["holdout"], "haystack": [haystack]}}  # fmt: skip
+            "holdout": {**SMALL["holdout"], "haystack": [haystack]}}
     rng, codes = random.Random(SEED), []
     for case in range(CASES["search"]):
         path = tmp_path / f"search{case}.yaml"

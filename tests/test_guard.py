@@ -4,9 +4,9 @@ is measured by the worker and constrains the search (feasible first, then the lo
 import pytest
 from optuna.trial import TrialState
 
-from fitness.factors import RopeCandidate
 from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
 from fitness.models import load_model
+from fitness.factor_files import load_factor_file
 from search import long_stage, runs
 from search.guard import CONSTRAINTS, SHORT_COST, best_trial
 from tests.search_helpers import write_config
@@ -34,7 +34,7 @@ def test_guard_keeps_the_winner_within_its_short_window_budget(tmp_path):
     complete = guarded.get_trials(states=(TrialState.COMPLETE,))
     assert all(t.system_attrs[CONSTRAINTS] == [t.user_attrs[SHORT_COST] - LIMIT] for t in complete)
     assert any(t.value < winner.value for t in complete)  # the guard did bind: a lower PPL was refused
-    saved = RopeCandidate.load(guarded_dir / "best_factors.json")
+    saved = load_factor_file(guarded_dir / "best_factors.json")
     assert saved.params[SHORT_COST] == winner.user_attrs[SHORT_COST]
 
     model, tokenizer = load_model("tiny")  # the cost as measured independently of the worker

@@ -94,7 +94,7 @@ def test_the_fitness_plot_and_report_carry_the_pruning(pruned_run):
     "target, call",
     [("search.driver:after_first_stage", 7), ("search.workers:CandidateScore.then", 9)],
     ids=["before a first stage is told", "between second-stage tells"],
-)  # fmt: skip
+)
 def test_killed_and_resumed_pruned_search_decides_the_same(tmp_path, pruned_run, target, call):
     run_dir = new_run(tmp_path)
     crashed = launch([target, str(call), "--", "resume", str(run_dir)], module="tests.die_at")
@@ -109,14 +109,14 @@ def _settled(generation: int, slot: int, first_stage: float):
     return optuna.trial.create_trial(
         state=TrialState.COMPLETE, value=first_stage, intermediate_values={FIRST: first_stage},
         system_attrs={SLOT: [generation, slot]},
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
     "settings, kept",
     [({"keep_best": 3, "min_reference": 1}, [1.0, 2.0, 3.0]), ({"keep_percentile": 50, "min_reference": 1}, [1.0, 2.0, 3.0]),
      ({"keep_best": 2, "min_reference": 1}, [1.0, 2.0]), ({"keep_best": 3, "min_reference": 6}, [1.0, 2.0, 3.0, 4.0, 5.0])],
-)  # fmt: skip
+)
 def test_the_pruner_compares_with_earlier_generations_only(settings, kept):
     pruner = make_pruner(PruningSettings(name="earlier_trials", **settings))
     study = optuna.create_study()

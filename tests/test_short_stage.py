@@ -12,6 +12,7 @@ from fitness.general_text import PARTS, general_windows
 from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
+from fitness.factor_files import candidate_from, load_factor_file
 from search import cli, runs, short_stage
 from search.guard import violation
 from search.slots import slot_of
@@ -116,7 +117,7 @@ def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run, unin
     assert resumed["short"]["evaluated"] == SHORT["evaluations"] - 4 and len(trials) == SHORT["evaluations"]
     seeds = [t for t in trials if slot_of(t)[0] == 0]
     assert len(seeds) == len(SHORT["seeds"])  # generation 0 once, not again by the resume
-    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    best = load_factor_file(run_dir / short_stage.BEST_FILE)
     assert best.long_factors == long.long_factors and best.attention_factor == long.attention_factor
     assert best.params["text_ppl"] == min(t.value for t in trials if violation(t) == 0)
     assert short_history(run_dir) == uninterrupted[0]  # stopped, resumed, in-process: Ray's history exactly
@@ -134,11 +135,11 @@ def test_resume_finishes_the_budget_and_wins_back_the_short_cost(short_run, unin
 
 def test_a_run_folder_exports_its_short_factors(short_run, tmp_path):
     long, _, run_dir, _ = short_run
-    taken = RopeCandidate.from_source(run_dir)
-    assert taken.short_factors == RopeCandidate.load(run_dir / short_stage.BEST_FILE).short_factors
+    taken = candidate_from(run_dir)
+    assert taken.short_factors == load_factor_file(run_dir / short_stage.BEST_FILE).short_factors
     assert taken.short_factors != (1.0,) * long.geometry.pairs
     assert cli.main(["export", str(run_dir), "--to", "hf", "--config-only", "--model", "tiny",
-                     "--out", str(tmp_path / "hf")]) == 0  # fmt: skip
+                     "--out", str(tmp_path / "hf")]) == 0
     scaling = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]
     assert scaling["short_factor"] == list(taken.short_factors)
     assert scaling["long_factor"] == list(long.long_factors)
@@ -150,10 +151,10 @@ def test_short_factors_of_other_long_factors_are_refused(short_run, tmp_path):
     copy.mkdir()
     for name in ("best_factors.json", short_stage.BEST_FILE):
         (copy / name).write_text((run_dir / name).read_text())
-    best = RopeCandidate.load(copy / "best_factors.json")
+    best = load_factor_file(copy / "best_factors.json")
     best.model_copy(update={"long_factors": tuple(f * 1.01 for f in best.long_factors)}).save(copy / "best_factors.json")
     with pytest.raises(Exception, match="other long factors"):
-        RopeCandidate.from_source(copy)
+        candidate_from(copy)
 
 
 def test_one_command_runs_both_stages(tmp_path):
@@ -205,7 +206,7 @@ def test_eval_takes_a_run_folder_with_its_short_factors(short_run, tmp_path):
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
     _, candidates = load_eval_config(path)
-    assert candidates["searched"].short_factors == RopeCandidate.load(run_dir / short_stage.BEST_FILE).short_factors
+    assert candidates["searched"].short_factors == load_factor_file(run_dir / short_stage.BEST_FILE).short_factors
 
 
 def test_worst_ratio_tells_the_worst_lengths_ratio_to_the_models_own(tiny):
@@ -228,10 +229,10 @@ def test_worst_ratio_tells_the_worst_lengths_ratio_to_the_models_own(tiny):
         ratios.append(math.exp(candidate_window_nll(model, windows, [long])[0].mean().item()) / own)
     assert len(score.document_nll) == 3 + 1
     assert ratios[0] != pytest.approx(ratios[1], rel=1e-3)  # the lengths disagree: taking the max matters
-    assert score.fitness == pytest.approx(max(ratios), rel=1e-5)
+    assert score.value == pytest.approx(max(ratios), rel=1e-5)
     assert score.short_cost == pytest.approx(max(ratios) - 1, rel=1e-4)
     [plain] = TextWorker(TextSetup(setup.model, setup.lengths, setup.windows)).score(Batch((long,)))
-    assert plain.fitness == pytest.approx(math.exp(sum(score.document_nll) / 4), rel=1e-5)  # text PPL
+    assert plain.value == pytest.approx(math.exp(sum(score.document_nll) / 4), rel=1e-5)  # text PPL
 
 
 def test_a_worst_ratio_stage_stores_its_own_key(tiny, tmp_path):
@@ -243,7 +244,7 @@ def test_a_worst_ratio_stage_stores_its_own_key(tiny, tmp_path):
     runs.run(run_dir, quiet=True)
     ctx = short_stage.open_context(run_dir, config, read_only=True)
     assert ctx.study.metric_names == ["text_ppl_ratio"]
-    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    best = load_factor_file(run_dir / short_stage.BEST_FILE)
     feasible = [t.value for t in ctx.study.get_trials(states=(TrialState.COMPLETE,)) if violation(t) == 0]
     assert best.params["text_ppl_ratio"] == min(feasible)
     assert all(row["text_ppl_ratio"] >= 1 + row["short_cost"] - 1e-9 for row in ctx.study.user_attrs["baselines"].values())
@@ -289,14 +290,14 @@ def test_the_searched_short_factors_beat_the_best_seed_and_follow_the_long_ones(
     rows, run_dir = uninterrupted
     study = short_stage.open_context(run_dir, runs.load(run_dir), read_only=True).study
     seeds = study.user_attrs["baselines"]
-    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    best = load_factor_file(run_dir / short_stage.BEST_FILE)
     assert best.params["constraint_violation"] == 0
     assert best.params["text_ppl"] < min(row["text_ppl"] for row in seeds.values())
     given_long(tiny, tmp_path / "long.json", method="critical_ntk")
     config = runs.load_search_config(short_config(tmp_path, tmp_path / "long.json", evaluations=7))
     other = runs.create(config, tmp_path / "runs")
     runs.run(other, quiet=True)
-    assert RopeCandidate.load(other / short_stage.BEST_FILE).short_factors != best.short_factors
+    assert load_factor_file(other / short_stage.BEST_FILE).short_factors != best.short_factors
 
 
 @pytest.mark.slow
@@ -343,7 +344,7 @@ def test_in_window_needles_keep_a_candidate_that_buys_text_with_needles_from_win
     run_dir = runs.create(config, tmp_path / "runs")
     runs.run(run_dir, quiet=True)
     trials = short_stage.open_context(run_dir, config, read_only=True).study.get_trials(states=(TrialState.COMPLETE,))
-    best = RopeCandidate.load(run_dir / short_stage.BEST_FILE)
+    best = load_factor_file(run_dir / short_stage.BEST_FILE)
     assert any(violation(t) > 0 and t.value < best.params["text_ppl"] for t in trials)  # the guard decided
     assert best.params["constraint_violation"] == 0
     report = json.loads((run_dir / "short_report.json").read_text())["window_needles"]["methods"]

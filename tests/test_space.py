@@ -13,7 +13,7 @@ GEOMETRY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_d
 
 def random_params(space, rng):
     params = {name: (rng.randint(d.low, d.high) if name == "critical_dim" else rng.uniform(d.low - 1, d.high + 1))
-              for name, d in space.distributions().items()}  # fmt: skip
+              for name, d in space.distributions().items()}
     return params
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from fitness.factors import RopeCandidate
 from fitness.patch import apply_candidates
+from fitness.factor_files import load_factor_file
 from mixed_window_train.data import MixedBatches, MixedData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ FACTORS = REPO / "configs" / "factors" / "tiny-4x.json"
 
 def test_packed_short_documents_equal_separate_forwards(tiny):
     model, tokenizer = tiny
-    candidate = RopeCandidate.load(FACTORS)
+    candidate = load_factor_file(FACTORS)
     batches = MixedBatches(tokenizer, MixedData(long_ratio=0.0, short_min=100), 256, 1024, 1, seed=0)
     batch = batches(0, 0)
     positions = batch.position_ids[0]
@@ -43,7 +43,7 @@ def test_rows_choose_their_rope(tiny, factors):
     from fitness.baselines import deployed_baseline
 
     model, tokenizer = tiny
-    candidate = RopeCandidate.load(FACTORS)
+    candidate = load_factor_file(FACTORS)
     if factors == "yarn deployed":
         candidate = deployed_baseline("yarn", candidate.geometry, 1024)
         assert candidate.inv_freq(long=False).tolist() == candidate.inv_freq(long=True).tolist()
@@ -88,7 +88,7 @@ def losses(out: Path) -> list[tuple[int, str]]:
 
 def run_cli(*args):
     return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=REPO, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+                            stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 @pytest.mark.slow
@@ -158,7 +158,7 @@ def tiny_training(out: Path, stop_after=None) -> list[tuple[int, str]]:
     model, tokenizer = load_model(ModelSettings(name="tiny", device="cpu", threads=1))
     batches = MixedBatches(tokenizer, MixedData(), 256, 1024, 2, seed=0)
     settings = TrainSettings(steps=6, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=2)
-    with apply_candidates(model, RopeCandidate.load(FACTORS)):
+    with apply_candidates(model, load_factor_file(FACTORS)):
         train(model, batches, settings, out, stop_after=stop_after)
     return losses(out)
 

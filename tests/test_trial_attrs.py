@@ -14,7 +14,7 @@ from tests.search_helpers import write_config
 FORMATS = ["magic_number", "pass_key"]
 FIRST = 2  # first-stage documents of 4
 SEARCH = {"needles.formats": FORMATS, "pruning.name": "earlier_trials", "pruning.documents": FIRST,
-          "pruning.min_reference": 4}  # fmt: skip
+          "pruning.min_reference": 4}
 
 
 @pytest.mark.parametrize("sampler", ["evolution", "tpe"])

@@ -67,7 +67,7 @@ case "$step" in
     $py -c "from fitness.general_text import kjv_text; print('general text:', len(kjv_text()), 'characters')"
     $py -c "import matplotlib" 2>/dev/null && echo "matplotlib: yes" || echo "matplotlib: no (plots are made afterwards)" ;;
   scoring)
-    $py benchmarks/scoring.py --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
+    $py -m benchmarks.scoring --model smollm2-135m --device cuda --dtype bfloat16 --lengths 16384 32768 \
         --docs 4 --candidates 4 --repeats 3 --out "$OUT/$card/scoring.json" ;;
   search16|search32|short)
     if [ "$step" = short ]; then name=${2:?config name} limit=${3:-}
@@ -112,7 +112,7 @@ case "$step" in
     $py -m search.cli eval "$config" --out /tmp/gpu/$name 2>&1 | tr '\r' '\n' | grep -v "^eval: " | tail -40
     cp /tmp/gpu/$name/eval.json "$OUT/$card/$name.json" ;;
   throughput)
-    $py benchmarks/search_throughput.py configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
+    $py -m benchmarks.search_throughput configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
         --out "$OUT/$card/search-throughput-32k.json" ;;
   ruler)
     config=${2:-configs/eval-smollm2-ruler.yaml} samples=${3:-}

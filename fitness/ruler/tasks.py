@@ -9,6 +9,9 @@ reads Paul Graham's essays; the noise haystack is RULER's repeated sentences.
 
 Left out: RULER's two QA tasks (SQuAD, HotpotQA), for want of an offline copy of either dataset, and
 the one-shot examples RULER puts before variable tracking and common words.
+
+To add a task: a generator returning a `TaskSample`, registered in `RULER_TASKS` with its metric and
+answer budget; `ruler.tasks: [name]` runs it.
 """
 
 from __future__ import annotations
