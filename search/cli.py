@@ -141,6 +141,7 @@ def _train(args) -> int:
     config, candidate = load_finetune_config(Path(args.config))
     out = Path(args.out) if args.out else _new_name(Path(args.runs_dir), config.name)
     output.check_destination(out, "--out")
+    args.go_on = f"ropesearch train {args.config} --out {out}"  # what Ctrl-C says resumes it
     then = f"free some space or make {out} writable, then run the same command with --out {out}: it resumes"
     with output.faults(out, then), claimed_run_folder(out, config):
         print(f"training in {out} (run the same command with --out {out} to resume)", file=sys.stderr)
@@ -299,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         run_dir = getattr(args, "run_dir", None)
-        after = f"; `ropesearch resume {run_dir}` continues it" if run_dir and args.command in ("search", "resume") else ""
-        print(f"ropesearch: interrupted{after}", file=sys.stderr)
+        resumable = run_dir and args.command in ("search", "resume")
+        go_on = getattr(args, "go_on", None) or (f"ropesearch resume {run_dir}" if resumable else None)
+        print("ropesearch: interrupted" + (f"; `{go_on}` continues it" if go_on else ""), file=sys.stderr)
         return 130
 
 

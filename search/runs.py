@@ -79,6 +79,13 @@ def check_search(config: SearchConfig, source: str) -> None:
                                   f"tokens, the config's target is {target}")
     check_haystacks(config.needles.haystack, source, "needles.haystack")
     check_haystacks(config.holdout.haystack, source, "holdout.haystack")
+    if config.short_guard.enabled:  # its text is the search haystack: at least one window of it
+        from fitness.general_text import haystack_windows
+        from fitness.models import load_tokenizer
+
+        with naming(source, "short_guard (needles.haystack)"):
+            haystack_windows(load_tokenizer(config.model.name), config.needles.haystack,
+                             config.short_guard.length or geometry.original_window, 1)
     if config.short_search is not None:  # builds documents from those haystacks
         short_stage.check(config, geometry.original_window, source, given)
     check_reachable(config.storage, source)

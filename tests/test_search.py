@@ -115,3 +115,15 @@ def test_ctrl_c_names_the_run_folder_to_resume(tmp_path):
     assert process.wait(timeout=60) == 130
     err = process.stderr.read().decode().strip().splitlines()
     assert err[-1] == f"ropesearch: interrupted; `ropesearch resume {found[0].parent}` continues it"
+
+
+def test_a_guard_haystack_too_small_for_one_window_is_refused_before_the_run(tmp_path, capsys):
+    from search.cli import main
+
+    small = tmp_path / "small.txt"
+    small.write_text("A sentence or two. " * 5)
+    path = write_config(tmp_path, **{"needles.haystack": [str(small)], "short_guard.max_cost": 0.02})
+    assert main(["search", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "short_guard (needles.haystack)" in err and "too few for one window" in err and str(path) in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

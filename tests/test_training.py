@@ -267,3 +267,17 @@ def test_eval_scores_a_method_named_under_factors_as_deployed_for_the_longest_le
     results = json.loads((tmp_path / "out" / "eval.json").read_text())["results"]
     assert results["yarn-static"]["1024"] == results["yarn"]["1024"]  # the same YaRN at the longest length
     assert results["yarn-static"]["256"]["needle_ppl"] != results["yarn"]["256"]["needle_ppl"]  # not rebuilt at 1x
+
+
+def test_ctrl_c_in_a_training_says_how_to_resume_it(tmp_path, monkeypatch, capsys):
+    import mixed_window_train.finetune as finetune_module
+    from search.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "finetune", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "configs/train-tiny.yaml", "--out", str(out)]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"ropesearch: interrupted; `ropesearch train configs/train-tiny.yaml --out {out}` continues it"
