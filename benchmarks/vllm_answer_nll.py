@@ -106,20 +106,20 @@ def prepare(folder: Path) -> None:
     )
 
 
-def vllm_answer_nll(model_dir: Path, docs: list[dict], max_model_len: int) -> list[float]:
+def vllm_answer_nll(model_dir: Path, docs: list[dict], max_model_len: int, kv_cache_bytes: int = 1 << 30) -> list[float]:
     import gc
 
     from vllm import LLM, SamplingParams
 
-    # a fixed 1 GiB KV cache: by default vLLM's CPU build reserves 92 % of RAM and refuses to start
-    # when other processes hold more than 8 % of it
+    # a fixed KV cache (1 GiB unless given): by default vLLM's CPU build reserves 92 % of RAM and refuses
+    # to start when other processes hold more than 8 % of it
     llm = LLM(
         model=str(model_dir),
         dtype="float32",
         max_model_len=max_model_len,
         enforce_eager=True,
         skip_tokenizer_init=True,
-        kv_cache_memory_bytes=1 << 30,
+        kv_cache_memory_bytes=kv_cache_bytes,
     )
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
     outputs = llm.generate([{"prompt_token_ids": d["ids"]} for d in docs], params)

