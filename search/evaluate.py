@@ -39,9 +39,11 @@ class EvalConfig(BaseModel):
     # each rebuilt for every evaluated length (YaRN at 2x uses s = 2), as a user would configure it per length
     methods: list[str] = Field(default_factory=lambda: list(COMPARED))
     # label: a factor file, a run folder, or a method name. A method here is the one deployment built for
-    # the longest evaluated length, the same factors and attention factor at every length (as a fine-tune
-    # with `factors: yarn` ships it), unlike `methods:`, which rebuilds it for each length.
+    # `target_window` (default: the longest evaluated length), the same factors and attention factor at
+    # every length (as a fine-tune with `factors: yarn` ships it, or a model card's static YaRN x4),
+    # unlike `methods:`, which rebuilds it for each length.
     factors: dict[str, str] = Field(default_factory=dict)
+    target_window: int | None = Field(default=None, gt=1)  # what those methods are built for
     candidates_per_forward: int = Field(default=4, gt=0, le=1_024)
     documents_per_forward: int = Field(default=1, gt=0, le=1_024)
     # general English text inside the original window, under each method as deployed for the longest
@@ -89,7 +91,8 @@ def format_table(results: dict, short_text: dict | None = None, ruler: dict | No
         if by_format:
             lines += [f"needle PPL (retrieval) by format at {n} tokens"] + by_format
     if short_text:
-        title = f"text PPL inside the window (cost vs no scaling), each method as deployed for {lengths[-1]} tokens"
+        title = (f"text PPL inside the window (cost vs no scaling): methods built for {lengths[-1]} tokens, "
+                 "factors for their own target")
         lines += short_text_table(short_text, title)
     if ruler:
         lines += ruler_tables(ruler)
@@ -111,10 +114,14 @@ def load_eval_config(config_path: Path) -> tuple[EvalConfig, dict[str, RopeCandi
     check_haystacks(config.needles.haystack, source, "needles.haystack")
     if known := [t for t in config.short_text if t != GENERAL_ENGLISH]:
         check_haystacks(known, source, "short_text")
+    target = config.target_window or max(longest, window)
+    if not window <= target <= MAX_TARGET_WINDOW:
+        raise RopeSearchError(f"{source}: target_window: {target} must lie in [the model's window {window}, "
+                              f"{MAX_TARGET_WINDOW}]")
     candidates = {}
     for label, value in config.factors.items():
-        with naming(source, f"factors.{label}"):  # a method: the one deployment for the longest length
-            candidates[label] = factors_from(value, geometry, max(longest, window) if value in BASELINES else None)
+        with naming(source, f"factors.{label}"):  # a method: the one deployment for the target
+            candidates[label] = factors_from(value, geometry, target if value in BASELINES else None)
     check_models_and_ruler(config, window, source)
     return config, candidates
 

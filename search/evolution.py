@@ -1,7 +1,8 @@
 """LongRoPE2's evolutionary search as an Optuna sampler.
 
 Generation 0 is the population: seeds (YaRN's ramp, PI, NTK, critical-dim NTK at every critical
-pair of the range) and random points. Each later generation is `mutations + crossovers` children
+pair of the range, and the winners of earlier searches at shorter targets, stretched: LongRoPE's
+progressive start) and random points. Each later generation is `mutations + crossovers` children
 of the best `parents` found so far. Every trial is a (generation, slot) pair stored in its system
 attributes; the proposals of generation g are a pure function of the seed, g and the finished
 trials of earlier generations, so they need no RNG state to resume and do not depend on how many
@@ -17,6 +18,7 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.baselines import baseline
+from fitness.factors import RopeCandidate
 from search.slots import GenerationSlots, SlotSampler, finished_history, pruned_before
 from search.space import RopeSpace
 
@@ -32,6 +34,10 @@ class EvolutionSettings(BaseModel):
     mutation_step: float = Field(default=0.05, gt=0)  # std of a factor step, as a fraction of s
     critical_dim_prob: float = Field(default=0.3, ge=0, le=1)
     generations: int = Field(default=40, gt=0, le=100_000)
+    # factor files or run folders of earlier searches of this model at a target no longer than this one:
+    # each joins generation 0 stretched to this target (`stretched`), as LongRoPE seeded its 2048k search
+    # from the 256k one
+    seed_factors: list[str] = Field(default_factory=list, max_length=64)
     max_attempts: int = Field(default=2, gt=0, le=100)  # evaluations of a slot that may fail before it is given up
 
     @model_validator(mode="after")
@@ -41,10 +47,25 @@ class EvolutionSettings(BaseModel):
         return self
 
 
+def stretched(candidate: RopeCandidate, target_window: int) -> RopeCandidate:
+    """Factors found for a shorter target, for `target_window`: every factor times the ratio of the targets
+    (the pairs above the critical one keep their place in [s, upper s]; those below are NTK's in the
+    space and rebuilt there), the same critical pair and attention factor."""
+    ratio = target_window / candidate.target_window
+    return candidate.model_copy(update={
+        "target_window": target_window,
+        "long_factors": tuple(f * ratio for f in candidate.long_factors),
+        "short_factors": None,
+        "method": f"stretched {candidate.method}",
+    })
+
+
 class EvolutionarySampler(SlotSampler):
-    def __init__(self, space: RopeSpace, settings: EvolutionSettings, seed: int = 0):
+    def __init__(self, space: RopeSpace, settings: EvolutionSettings, seed: int = 0,
+                 earlier_winners: tuple[RopeCandidate, ...] = ()):
         super().__init__(seed)
         self.space, self.settings, self.seed = space, settings, seed
+        self.earlier_winners = tuple(stretched(c, space.target_window) for c in earlier_winners)
         self._proposals: dict[int, list[dict]] = {}
         # the book of slots the driver asks; the sampler itself only learns which slot a new trial fills
         self.slots = GenerationSlots(self.generation_size, settings.generations, settings.max_attempts,
@@ -87,7 +108,8 @@ class EvolutionarySampler(SlotSampler):
                 factor = min(space.scale * stretch, space.factor_high)
                 candidate = baseline("critical_ntk", g, window, critical_dim=theory, critical_factor=factor)
                 seeds.append(space.encode(candidate))
-        return seeds
+        # earlier winners first: generation 0 keeps the first `population` seeds
+        return [space.encode(candidate) for candidate in self.earlier_winners] + seeds
 
     def _random(self, rng: random.Random) -> dict:
         space = self.space

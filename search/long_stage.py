@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
+from fitness.factor_files import candidate_from
 from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config, load_model, machine_name
@@ -35,7 +36,8 @@ def _sampler(config, space: RopeSpace):
     """The study's sampler and the slot book the driver asks (the evolution fills slots; the others don't)."""
     settings = config.sampler
     if settings.name == "evolution":
-        sampler = EvolutionarySampler(space, settings.evolution, seed=settings.seed)
+        earlier = tuple(candidate_from(source) for source in settings.evolution.seed_factors)
+        sampler = EvolutionarySampler(space, settings.evolution, seed=settings.seed, earlier_winners=earlier)
         return sampler, sampler.slots
     if settings.name == "tpe":
         return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True), NoSlots()

@@ -77,6 +77,14 @@ def check_search(config: SearchConfig, source: str) -> None:
         if given.target_window != target:
             raise RopeSearchError(f"{source}: long_factors {config.long_factors} were made for {given.target_window} "
                                   f"tokens, the config's target is {target}")
+    for k, seed in enumerate(config.sampler.evolution.seed_factors):
+        with naming(source, f"sampler.evolution.seed_factors[{k}]"):
+            earlier = candidate_from(seed)
+            check_geometry(earlier, geometry, source=seed)
+        if earlier.target_window > target:
+            raise RopeSearchError(f"{source}: sampler.evolution.seed_factors[{k}]: {seed} was made for "
+                                  f"{earlier.target_window} tokens, beyond the target {target}; a progressive "
+                                  f"start seeds a longer target from a shorter one")
     check_haystacks(config.needles.haystack, source, "needles.haystack")
     check_haystacks(config.holdout.haystack, source, "holdout.haystack")
     if config.short_guard.enabled:  # its text is the search haystack: at least one window of it

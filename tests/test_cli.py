@@ -110,6 +110,36 @@ def test_bad_search_config(tmp_path, capsys, label, change, message):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_seed_factors_from_a_shorter_target_seed_the_sampler_and_a_longer_one_is_refused(tmp_path, capsys):
+    """The progressive start: a winner at 2x seeds the 4x search; one at 8x cannot, and is refused before the
+    run folder exists."""
+    from search import long_stage
+    from search.runs import load_search_config
+    from search.space import RopeSpace
+
+    def at(target, name):
+        return str(factor_file(tmp_path, lambda d: d.update(target_window=target), name=name))
+
+    path = config_with(tmp_path, _set("sampler.evolution.seed_factors", [at(512, "2x.json")]))
+    config = load_search_config(path)
+    space = RopeSpace(geometry_of_tiny(), 1024, config.space)
+    sampler, _ = long_stage._sampler(config, space)
+    assert [w.target_window for w in sampler.earlier_winners] == [1024]
+
+    path = config_with(tmp_path, _set("sampler.evolution.seed_factors", [at(2048, "8x.json")]))
+    assert main(["search", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "seed_factors[0]" in err and "made for 2048 tokens, beyond the target 1024" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def geometry_of_tiny():
+    from fitness.geometry import geometry_from_config
+    from fitness.models import load_config
+
+    return geometry_from_config(load_config("tiny"))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -254,6 +284,8 @@ BAD_COMMAND_LINES = [
                                       str(p / "runs")], 2, "multiples[0]"),
     ("eval multiples huge", lambda p: ["eval", str(write(p, "e.yaml", "multiples: [1000000]")), "--out",
                                        str(p / "runs")], 2, "multiples"),
+    ("eval target_window inside the window", lambda p: ["eval", str(write(p, "e.yaml", "target_window: 128")),
+                                                       "--out", str(p / "runs")], 2, "target_window: 128 must lie"),
     ("eval threads 0", lambda p: ["eval", str(write(p, "e.yaml", "model: {threads: 0}")), "--out", str(p / "runs")],
      2, "model.threads"),
     ("pretrain --seed -1", lambda p: ["pretrain", _pretrain_recipe(p), "--seed", "-1"], 2, "train.seed"),

@@ -104,6 +104,28 @@ def test_optuna_samplers_share_the_space(tmp_path):
             study.tell(trial, objective(candidate))
 
 
+def test_an_earlier_winner_joins_generation_zero_stretched(tmp_path):
+    """LongRoPE's progressive start: factors found at 2x seed the 4x search, every factor doubled, scored
+    in generation 0 before the baselines."""
+    from fitness.baselines import critical_dim_shape
+    from fitness.factors import make_candidate
+    from search.evolution import stretched
+
+    space = RopeSpace(GEOMETRY, 1024, SpaceSettings())
+    tail = [2.0 + 0.05 * i for i in range(GEOMETRY.pairs - 14)]  # a searched-like rising tail at 2x
+    earlier = make_candidate(GEOMETRY, 512, critical_dim_shape(GEOMETRY.pairs, 14, tail[0], tail),
+                             attention_factor=1.1, method="searched", params={"critical_dim": 14})
+    longer = stretched(earlier, 1024)
+    assert longer.long_factors == tuple(2 * f for f in earlier.long_factors) and longer.target_window == 1024
+    sampler = EvolutionarySampler(space, SETTINGS, earlier_winners=(earlier,))
+    plain = EvolutionarySampler(space, SETTINGS)
+    assert sampler.seeds() == [space.encode(longer), *plain.seeds()]
+    assert space.key(space.encode(longer)) not in {space.key(seed) for seed in plain.seeds()}
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'w.db'}", study_name="w", sampler=sampler)
+    trial = study.ask(space.distributions())
+    assert slot_of(study.trials[0]) == (0, 0) and space.key(trial.params) == space.key(space.encode(longer))
+
+
 @pytest.mark.parametrize("bad", [{"mutations": 0, "crossovers": 0}, {"population": 1}])
 def test_bad_settings(bad):
     from pydantic import ValidationError

@@ -6,10 +6,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from fitness.baselines import baseline
+from fitness.baselines import baseline, deployed_baseline
 from fitness.factors import RopeCandidate
 from fitness.general_text import PARTS, general_windows
 from fitness.geometry import geometry_from_config
+from fitness.models import load_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
 from fitness.factor_files import candidate_from, load_factor_file
@@ -207,6 +208,21 @@ def test_eval_takes_a_run_folder_with_its_short_factors(short_run, tmp_path):
     path.write_text(yaml.safe_dump(config))
     _, candidates = load_eval_config(path)
     assert candidates["searched"].short_factors == load_factor_file(run_dir / short_stage.BEST_FILE).short_factors
+
+
+def test_eval_builds_a_named_method_for_its_target_window(tmp_path):
+    """Static YaRN x4 as a model card deploys it, evaluated inside the window only: built for target_window,
+    not for the longest evaluated length (which would make it YaRN x1, the model itself)."""
+    from search.evaluate import load_eval_config
+
+    config = yaml.safe_load(open("configs/eval-tiny.yaml"))
+    config.update(multiples=[1], factors={"yarn-x4": "yarn"}, target_window=1024)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, candidates = load_eval_config(path)
+    expected = deployed_baseline("yarn", geometry_from_config(load_config("tiny")), 1024)
+    assert candidates["yarn-x4"].long_factors == expected.long_factors and max(expected.long_factors) == 4.0
+    assert candidates["yarn-x4"].short_factors == expected.long_factors  # static: the same inside the window
 
 
 def test_worst_ratio_tells_the_worst_lengths_ratio_to_the_models_own(tiny):
