@@ -175,6 +175,25 @@ def load_tokenizer(name: str):
         return _tokenizer(directory, gguf_file, _stamp(source))
 
 
+@contextmanager
+def _quiet_gguf_conversion():
+    """transformers de-quantizes a GGUF under a tqdm bar of its own, which disable_progress_bar() does not
+    reach: in a search it would print once per worker and candidate batch between the search's own bars."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(settings: ModelSettings | str):
     """(model, tokenizer), eval mode, on the configured device and dtype."""
     import transformers
@@ -190,7 +209,7 @@ def load_model(settings: ModelSettings | str):
         kwargs["gguf_file"] = gguf_file
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise in a search's output
-    with _loading(settings.name, "weights"):
+    with _loading(settings.name, "weights"), _quiet_gguf_conversion():
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     model.to(settings.resolved_device()).eval()
     model.config.use_cache = False

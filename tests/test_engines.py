@@ -123,6 +123,16 @@ def tiny_engine(tmp_path_factory, tiny):
     return folder, source, geometry, needles
 
 
+def test_loading_a_gguf_prints_no_dequantizing_bar(tiny_engine, capfd):
+    """transformers' GGUF conversion has a tqdm bar of its own; a search loads the model in every worker"""
+    from fitness.models import load_model
+
+    _, source, _, _ = tiny_engine
+    capfd.readouterr()
+    load_model(str(source))
+    assert "de-quantizing" not in capfd.readouterr().err
+
+
 def test_llama_cpp_scores_the_export_as_ropesearch_does(tiny_engine, tiny):
     folder, source, geometry, needles = tiny_engine
     candidate = searched(geometry)
