@@ -5,6 +5,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from optuna.trial import TrialState
@@ -41,7 +42,25 @@ def completed_in(db: Path) -> int:
         return 0
 
 
+class StderrFile:
+    """A child's stderr kept in a file, read as a pipe would be. A pipe holds 64 KiB: a child that prints
+    progress bars while the test waits on something else blocks on its next write and never exits."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile()
+
+    def read(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
+
+    def close(self):
+        self.file.close()
+
+
 def launch(args, cwd=REPO, env=None, module="search.cli", **kwargs):
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    stderr = StderrFile()
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=stderr.file, start_new_session=True, **kwargs)
+    process.stderr = stderr
+    return process

@@ -4,8 +4,6 @@ long ones get the searched factors; a killed run resumes onto the identical loss
 import csv
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import yaml
 from fitness.patch import apply_candidates
 from fitness.factor_files import load_factor_file
 from mixed_window_train.data import MixedBatches, MixedData
+from tests.search_helpers import launch
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORS = REPO / "configs" / "factors" / "tiny-4x.json"
@@ -87,8 +86,7 @@ def losses(out: Path) -> list[tuple[int, str]]:
 
 
 def run_cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=REPO, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return launch(list(args))
 
 
 @pytest.mark.slow
