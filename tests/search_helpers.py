@@ -47,7 +47,7 @@ class StderrFile:
     progress bars while the test waits on something else blocks on its next write and never exits."""
 
     def __init__(self):
-        self.file = tempfile.TemporaryFile()
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115  (lives as long as the process it captures)
 
     def read(self) -> bytes:
         self.file.seek(0)

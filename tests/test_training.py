@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from fitness.patch import apply_candidates
 from fitness.factor_files import load_factor_file
+from fitness.patch import apply_candidates
 from mixed_window_train.data import MixedBatches, MixedData
 from tests.search_helpers import launch
 
