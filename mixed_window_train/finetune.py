@@ -115,10 +115,8 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     if config.data.short_loss == "distill":  # the base model, original RoPE, frozen
         teacher, _ = load_model(config.model)
         teacher.requires_grad_(False)
-    started = time.time()
     with apply_candidates(model, candidate):
         result = train(model, batches, config.train, out_dir, teacher=teacher, stop_after=stop_after)
-    result["seconds"] = time.time() - started
     if result["step"] < config.train.steps:
         return result  # stopped early (a test's simulated crash): resume with the same call
 

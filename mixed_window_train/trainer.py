@@ -11,6 +11,8 @@ import csv
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +202,31 @@ class Checkpoints:
         return path
 
 
+class StepBoundaryStop:
+    """Ctrl-C (SIGINT) during training finishes the step in flight and checkpoints it, so a resume loses
+    no step: what lets a fine-tune longer than one sitting (or one GPU call) run in pieces. A second Ctrl-C
+    stops at once, back to the last checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("train: stopping after this step, which is checkpointed (Ctrl-C again: at once)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train(
     model: torch.nn.Module,
     batch_for: Callable[[int, int], Batch],
@@ -229,13 +256,15 @@ def train(
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     checkpoints = Checkpoints(out_dir / "checkpoints")
-    start, last_metrics = 0, {}
+    start, last_metrics, earlier_seconds = 0, {}, 0.0
+    began = time.perf_counter()
     if (resume := checkpoints.resume_point()) is not None:
         _, state = resume
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         start, last_metrics = state["step"], state.get("metrics", {})
+        earlier_seconds = state.get("seconds", 0.0)  # the pieces before this one, each up to its checkpoint
     else:
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
@@ -248,67 +277,74 @@ def train(
 
     def save(step: int, metrics: dict) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                 "step": step, "metrics": metrics, "settings": settings.model_dump()}
+                 "step": step, "metrics": metrics, "settings": settings.model_dump(),
+                 "seconds": earlier_seconds + time.perf_counter() - began}
         checkpoints.save(state, step)
 
     model.train()
-    progress = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    trained, finished = start, False  # steps done: what a caller compares with settings.steps
-    for step in range(start, settings.steps):
-        if stop_after is not None and step >= stop_after:
-            break
-        tick = time.perf_counter()
-        lr = learning_rate(step, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, tokens = 0.0, 0
-        for micro in range(settings.grad_accum):
-            batch = batch_for(step, micro)
-            position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
-            with autocast:
-                if settings.loss_chunk or batch.distill_weight is not None:
-                    loss = chunked_loss(model, batch, position_ids, settings.loss_chunk, teacher) / settings.grad_accum
-                else:
-                    out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
-                    loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-            tokens += batch.tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - tick
-        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
-        _append_csv(metrics_path, row)
-        if writer:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                writer.add_scalar(f"train/{key}", row[key], step + 1)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-
-        last_step = step + 1 == settings.steps
-        if evaluate and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last_step):
-            model.eval()
-            last_metrics = {"step": step + 1, **evaluate(step + 1, last_metrics)}
-            model.train()
-            progress.write(
-                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_metrics.items())
-            )
+    with StepBoundaryStop() as stop:
+        progress = tqdm(total=settings.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        trained, finished = start, False  # steps done: what a caller compares with settings.steps
+        for step in range(start, settings.steps):
+            if stop_after is not None and step >= stop_after:
+                break
+            tick = time.perf_counter()
+            lr = learning_rate(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, tokens = 0.0, 0
+            for micro in range(settings.grad_accum):
+                batch = batch_for(step, micro)
+                position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
+                with autocast:
+                    if settings.loss_chunk or batch.distill_weight is not None:
+                        loss = chunked_loss(model, batch, position_ids, settings.loss_chunk, teacher)
+                        loss = loss / settings.grad_accum
+                    else:
+                        out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
+                        loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += batch.tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - tick
+            row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens / elapsed}
+            _append_csv(metrics_path, row)
             if writer:
-                for key, value in last_metrics.items():
-                    if isinstance(value, (int, float)):
-                        writer.add_scalar(f"eval/{key}", value, step + 1)
-            finished = bool(done and done(last_metrics))
-        if finished or last_step or (step + 1) % settings.checkpoint_every == 0:
-            save(step + 1, last_metrics)
-        trained = step + 1
-        if finished:
-            break
-    progress.close()
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    writer.add_scalar(f"train/{key}", row[key], step + 1)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+            last_step = step + 1 == settings.steps
+            if evaluate and ((settings.eval_every and (step + 1) % settings.eval_every == 0) or last_step):
+                model.eval()
+                last_metrics = {"step": step + 1, **evaluate(step + 1, last_metrics)}
+                model.train()
+                progress.write(
+                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_metrics.items())
+                )
+                if writer:
+                    for key, value in last_metrics.items():
+                        if isinstance(value, (int, float)):
+                            writer.add_scalar(f"eval/{key}", value, step + 1)
+                finished = bool(done and done(last_metrics))
+            if finished or last_step or stop.requested or (step + 1) % settings.checkpoint_every == 0:
+                save(step + 1, last_metrics)
+            trained = step + 1
+            if finished or stop.requested:
+                break
+        progress.close()
     if writer:
         writer.close()
     model.eval()
-    return {"step": trained, "metrics": last_metrics, "converged": finished}
+    if stop.requested and not finished and trained < settings.steps:
+        raise KeyboardInterrupt  # the caller says how to resume, as for any Ctrl-C
+    return {"step": trained, "metrics": last_metrics, "converged": finished,
+            "seconds": earlier_seconds + time.perf_counter() - began}  # a run in pieces: all pieces
 
 
 def _tensorboard(out_dir: Path):

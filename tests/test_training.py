@@ -109,6 +109,21 @@ def test_kill_and_resume_gives_the_identical_loss_curve(tmp_path):
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     assert (crashed / "model" / "config.json").exists() and (crashed / "evaluation.json").exists()
 
+    # Ctrl-C: the step in flight finishes and is checkpointed, so the resume repeats none
+    interrupted = tmp_path / "interrupted"
+    process = run_cli("train", str(config), "--out", str(interrupted))
+    metrics, deadline = interrupted / "metrics.csv", time.time() + 300
+    while not metrics.exists() or metrics.read_text().count("\n") < 6:  # header and 5 steps
+        assert time.time() < deadline and process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(timeout=300) == 130
+    last = losses(interrupted)[-1][0]
+    assert 5 <= last < 12 and (interrupted / "checkpoints" / f"step_{last:07d}.pt").exists()
+    assert process.stderr.read().decode().strip().splitlines()[-1].endswith(f"--out {interrupted}` continues it")
+    assert run_cli("train", str(config), "--out", str(interrupted)).wait(timeout=600) == 0
+    assert losses(interrupted) == losses(reference)
+
 
 @pytest.mark.filterwarnings("ignore:vLLM ignore")  # the committed factors carry a searched attention factor
 def test_trained_model_loads_in_plain_transformers_with_both_factor_sets(tmp_path):
@@ -164,6 +179,18 @@ def tiny_training(out: Path, stop_after=None) -> list[tuple[int, str]]:
 @pytest.fixture(scope="module")
 def reference_curve(tmp_path_factory):
     return tiny_training(tmp_path_factory.mktemp("reference"))
+
+
+def test_a_run_in_pieces_counts_the_training_seconds_of_every_piece(tmp_path):
+    from mixed_window_train.trainer import load_checkpoint
+
+    tiny_training(tmp_path, stop_after=4)  # the first piece: 4 steps, checkpointed
+    first = load_checkpoint(tmp_path / "checkpoints" / "step_0000004.pt")["seconds"]
+    started = time.perf_counter()
+    tiny_training(tmp_path)  # the second: 2 steps
+    second = time.perf_counter() - started
+    total = load_checkpoint(tmp_path / "checkpoints" / "step_0000006.pt")["seconds"]
+    assert first < total < first + second
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path, reference_curve, caplog):

@@ -30,7 +30,8 @@
 #   session.sh train NAME [N]  the fine-tune configs/NAME.yaml into /tmp/gpu/NAME (e.g. train-smollm2-32k and
 #                              its control train-smollm2-32k-yarn). Factors that are the committed short-stage
 #                              file are replaced by this machine's latest smollm2-32k-short run, if any. N: a
-#                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept)
+#                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept).
+#                              Stopped cleanly after CALL_SECONDS (540); the same step again goes on (same machine)
 #   session.sh eval [CONFIG]   needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
 #                              (configs/eval-smollm2.yaml, or CONFIG)
 #   session.sh ruler [CONFIG] [N]  the RULER-style suite (configs/eval-smollm2-ruler.yaml) with the fine-tuned
@@ -146,9 +147,14 @@ case "$step" in
       $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -12
       exit 0
     fi
-    $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30
-    cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json"
-    cp "$out/metrics.csv" "$OUT/$card/$name-metrics.csv" ;;
+    # a fine-tune longer than one call is stopped as Ctrl-C would (the step in flight is finished and
+    # checkpointed) and the same step in the next call goes on from there; the checkpoints (weights and
+    # AdamW state, GBs) stay on this machine: the calls must follow each other while it is warm
+    timeout -s INT -k 60 "${CALL_SECONDS:-540}" \
+      $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30 || true
+    cp "$out/metrics.csv" "$OUT/$card/$name-metrics.csv"
+    if [ -f "$out/evaluation.json" ]; then cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json"
+    else echo "not finished: session.sh train $name again goes on from step $(ls "$out/checkpoints" | tail -1)"; fi ;;
   eval)
     config=${2:-configs/eval-smollm2.yaml}
     name=$(basename "$config" .yaml)
