@@ -150,11 +150,17 @@ case "$step" in
     # a fine-tune longer than one call is stopped as Ctrl-C would (the step in flight is finished and
     # checkpointed) and the same step in the next call goes on from there; the checkpoints (weights and
     # AdamW state, GBs) stay on this machine: the calls must follow each other while it is warm
-    timeout -s INT -k 60 "${CALL_SECONDS:-540}" \
-      $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30 || true
-    cp "$out/metrics.csv" "$OUT/$card/$name-metrics.csv"
-    if [ -f "$out/evaluation.json" ]; then cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json"
-    else echo "not finished: session.sh train $name again goes on from step $(ls "$out/checkpoints" | tail -1)"; fi ;;
+    rc=0
+    timeout -s INT -k 60 "${CALL_SECONDS:-540}" $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" \
+      > /tmp/gpu/$name.log 2>&1 || rc=$?
+    tr '\r' '\n' < /tmp/gpu/$name.log | grep -v "^train: " | tail -30
+    case $rc in
+      0) cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json" ;;
+      124) echo "stopped after ${CALL_SECONDS:-540} s: session.sh train $name again goes on from" \
+                "$(ls "$out/checkpoints" 2>/dev/null | tail -1)" ;;
+      *) exit $rc ;;
+    esac
+    cp "$out/metrics.csv" "$OUT/$card/$name-metrics.csv" ;;
   eval)
     config=${2:-configs/eval-smollm2.yaml}
     name=$(basename "$config" .yaml)
