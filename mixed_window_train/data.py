@@ -1,11 +1,16 @@
 """Mixed-window training data: short documents packed with their own attention, long documents whole.
 
-Every row has the target length L'. A short row packs several documents of at most L tokens; their
-position ids restart at 0 for each document, which is what makes transformers give each its own
-causal attention (packed-sequence masking) and what makes the rotary module choose the original
-(short) frequencies for them. A long row is one document of L' tokens: a needle task or consecutive
-haystack text, under the searched (long) factors. Held-out text is a fixed split that training
-never sees.
+A long row is one document of L' (the target) tokens: a needle task or consecutive haystack text,
+under the searched (long) factors. A short row holds L' tokens of documents of at most L (the original
+window) tokens; their position ids restart at 0 for each document, which is what makes transformers
+give each its own causal attention (packed-sequence masking) and what makes the rotary module choose
+the original (short) frequencies for them. How a short row is laid out is `short_rows`:
+- "target": one row of L' tokens, as a long row (one tensor per micro-batch). Its attention mask is
+  [L' x L'] and its attention costs as much as a long row's: affordable at 32k, not at 128k;
+- "window": L'/L rows of L tokens, no document crossing one, beside the long rows as a second part of
+  the micro-batch (`Batch` list; the loss is normalised over both). The same kind of tokens at L/L' of
+  the attention cost, and the frozen teacher only ever runs on short tokens.
+Held-out text is a fixed split that training never sees.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ class MixedData(BaseModel):
     # "lm": short rows learn the text; "distill": short rows match the frozen base model's next-token
     # distribution (original RoPE), so what the model could do inside its window is what it keeps
     short_loss: Literal["lm", "distill"] = "lm"
+    short_rows: Literal["target", "window"] = "target"  # see the module's docstring
 
 
 class MixedBatches:
     """Batch for (step, micro) as a pure function of the seed, so resuming needs only the step."""
 
     def __init__(self, tokenizer, settings: MixedData, window: int, target: int, batch_size: int, seed: int):
+        if settings.short_rows == "window" and target % window:
+            raise ValueError(f"data.short_rows: window: the target ({target}) must be a multiple of the "
+                             f"model's window ({window}), which cuts each short row into whole rows")
         self.settings, self.window, self.target = settings, window, target
         self.batch_size, self.seed, self.tokenizer = batch_size, seed, tokenizer
         haystack = Haystack(tokenizer, settings.haystack)
@@ -59,15 +68,18 @@ class MixedBatches:
             return ids, weight
         return self._text(rng, self.target), weight
 
-    def short_row(self, rng: random.Random) -> tuple[list[int], list[int]]:
+    def short_row(self, rng: random.Random, length: int | None = None) -> tuple[list[int], list[int]]:
+        length = length or self.target
         ids, positions = [], []
-        while len(ids) < self.target:
-            length = min(rng.randint(self.settings.short_min, self.window), self.target - len(ids))
-            ids += self._text(rng, length)
-            positions += list(range(length))
+        while len(ids) < length:
+            size = min(rng.randint(self.settings.short_min, self.window), length - len(ids))
+            ids += self._text(rng, size)
+            positions += list(range(size))
         return ids, positions
 
-    def __call__(self, step: int, micro: int) -> Batch:
+    def __call__(self, step: int, micro: int) -> Batch | list[Batch]:
+        if self.settings.short_rows == "window":
+            return self._in_window_rows(step, micro)
         distill = self.settings.short_loss == "distill"
         rows, weights, positions, distill_weights = [], [], [], []
         for row in range(self.batch_size):
@@ -86,6 +98,31 @@ class MixedBatches:
                 distill_weights.append(torch.ones(self.target) if distill else torch.zeros(self.target))
         return Batch(torch.tensor(rows), torch.stack(weights), torch.tensor(positions),
                      torch.stack(distill_weights) if distill else None)
+
+    def _in_window_rows(self, step: int, micro: int) -> list[Batch]:
+        """The long rows as one part, the short ones cut into window-long rows as another."""
+        distill = self.settings.short_loss == "distill"
+        long_rows, long_weights, short_rows, short_positions = [], [], [], []
+        for row in range(self.batch_size):
+            rng = random.Random(f"mixed:{self.seed}:{step}:{micro}:{row}")
+            if rng.random() < self.settings.long_ratio:
+                ids, weight = self.long_row(rng)
+                long_rows.append(ids)
+                long_weights.append(weight)
+            else:
+                for _ in range(self.target // self.window):
+                    ids, positions = self.short_row(rng, self.window)
+                    short_rows.append(ids)
+                    short_positions.append(positions)
+        parts = []
+        if long_rows:
+            parts.append(Batch(torch.tensor(long_rows), torch.stack(long_weights),
+                               torch.arange(self.target).expand(len(long_rows), -1).clone()))
+        if short_rows:
+            shape = (len(short_rows), self.window)
+            parts.append(Batch(torch.tensor(short_rows), torch.zeros(shape) if distill else torch.ones(shape),
+                               torch.tensor(short_positions), torch.ones(shape) if distill else None))
+        return parts
 
 
 def split_pieces(pieces: list[list[int]], every: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -88,6 +88,9 @@ def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandida
     if config.data.short_min > window:
         raise RopeSearchError(f"{source}: data.short_min: {config.data.short_min} is above the model's window "
                               f"{window}, the most a short document holds")
+    if config.data.short_rows == "window" and candidate.target_window % window:
+        raise RopeSearchError(f"{source}: data.short_rows: window cuts short rows into rows of the model's window "
+                              f"({window}); the target {candidate.target_window} is not a multiple of it")
     check_short_lengths(config.evaluation.short_lengths, window, source, "evaluation.short_lengths")
     return config, candidate
 

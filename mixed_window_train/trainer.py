@@ -43,7 +43,8 @@ class TrainSettings(BaseModel):
     clip: float = Field(default=1.0, gt=0)
     precision: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
-    loss_chunk: int = Field(default=0, ge=0, le=2**21)  # >0: LM head + loss over this many positions at a time
+    # >0: LM head + loss over this many positions of each of batch_size rows at a time
+    loss_chunk: int = Field(default=0, ge=0, le=2**21)
     checkpoint_every: int = Field(default=200, gt=0, le=10_000_000)
     eval_every: int = Field(default=0, ge=0, le=10_000_000)  # 0: only at the end
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
@@ -85,12 +86,22 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
     return settings.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (settings.lr - settings.min_lr)
 
 
-def weighted_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Next-token cross-entropy, each target token weighted by `loss_weight` (normalized by the weights)."""
+def loss_totals(parts: list[Batch]) -> tuple[float, float]:
+    """(sum of loss weights, sum of distill weights) over a micro-batch's parts: what each part's loss
+    sums are divided by, so a micro-batch cut into parts has the loss it would have as one batch."""
+    weight = sum(float(part.loss_weight[:, 1:].sum()) for part in parts)
+    distill = sum(float(part.distill_weight[:, :-1].sum()) for part in parts if part.distill_weight is not None)
+    return max(weight, 1e-9), max(distill, 1e-9)
+
+
+def weighted_lm_loss(logits: torch.Tensor, batch: Batch, totals: tuple[float, float] | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, each target token weighted by `loss_weight` (normalized by the weights,
+    or by `totals` when the batch is one part of a micro-batch)."""
     targets = batch.input_ids[:, 1:].to(logits.device)
     weights = batch.loss_weight[:, 1:].to(logits.device, torch.float32)
     per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    return (per_token * weights).sum() / weights.sum().clamp_min(1e-9)
+    weight_total = totals[0] if totals else weights.sum().clamp_min(1e-9)
+    return (per_token * weights).sum() / weight_total
 
 
 def _chunk_loss_sums(head, hidden, targets, weights, teacher_hidden, teacher_head, distill_weights):
@@ -105,10 +116,12 @@ def _chunk_loss_sums(head, hidden, targets, weights, teacher_hidden, teacher_hea
     return ce, (kl * distill_weights).sum()
 
 
-def chunked_loss(model, batch: Batch, position_ids, chunk: int, teacher=None) -> torch.Tensor:
+def chunked_loss(model, batch: Batch, position_ids, chunk: int, teacher=None,
+                 totals: tuple[float, float] | None = None) -> torch.Tensor:
     """Weighted LM loss plus, where `distill_weight` is set, the KL from the teacher's predictions,
     without the [batch, length, vocab] logits: the LM heads run over `chunk` positions at a time
-    and the student's is recomputed in the backward pass (a 32k x 49k-vocab row would need ~6 GB)."""
+    and the student's is recomputed in the backward pass (a 32k x 49k-vocab row would need ~6 GB).
+    Each sum is divided by this batch's own weights, or by `totals` when it is one part of a micro-batch."""
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
     hidden = model.model(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
@@ -138,9 +151,11 @@ def chunked_loss(model, batch: Batch, position_ids, chunk: int, teacher=None) ->
             use_reentrant=False,
         )
         ce_total, kl_total = ce_total + ce, kl_total + kl
-    loss = ce_total / weights.sum().clamp_min(1e-9)
+    if totals is None:
+        totals = (weights.sum().clamp_min(1e-9), distill.sum().clamp_min(1e-9) if distilling else None)
+    loss = ce_total / totals[0]
     if distilling:
-        loss = loss + kl_total / distill.sum().clamp_min(1e-9)
+        loss = loss + kl_total / totals[1]
     return loss
 
 
@@ -229,7 +244,7 @@ class StepBoundaryStop:
 
 def train(
     model: torch.nn.Module,
-    batch_for: Callable[[int, int], Batch],
+    batch_for: Callable[[int, int], Batch | list[Batch]],
     settings: TrainSettings,
     out_dir: Path,
     evaluate: Callable[[int, dict], dict] | None = None,
@@ -295,17 +310,13 @@ def train(
             loss_sum, tokens = 0.0, 0
             for micro in range(settings.grad_accum):
                 batch = batch_for(step, micro)
-                position_ids = batch.position_ids.to(device) if batch.position_ids is not None else None
-                with autocast:
-                    if settings.loss_chunk or batch.distill_weight is not None:
-                        loss = chunked_loss(model, batch, position_ids, settings.loss_chunk, teacher)
-                        loss = loss / settings.grad_accum
-                    else:
-                        out = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, use_cache=False)
-                        loss = weighted_lm_loss(out.logits, batch) / settings.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-                tokens += batch.tokens
+                parts = batch if isinstance(batch, list) else [batch]  # parts of unlike shapes: one pass each
+                totals = loss_totals(parts) if len(parts) > 1 else None
+                for part in parts:
+                    loss = _part_loss(model, part, settings, teacher, totals, autocast) / settings.grad_accum
+                    loss.backward()  # part by part: only one part's activations are held at a time
+                    loss_sum += loss.item()
+                    tokens += part.tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -345,6 +356,19 @@ def train(
         raise KeyboardInterrupt  # the caller says how to resume, as for any Ctrl-C
     return {"step": trained, "metrics": last_metrics, "converged": finished,
             "seconds": earlier_seconds + time.perf_counter() - began}  # a run in pieces: all pieces
+
+
+def _part_loss(model, part: Batch, settings: TrainSettings, teacher, totals, autocast) -> torch.Tensor:
+    device = next(model.parameters()).device
+    position_ids = part.position_ids.to(device) if part.position_ids is not None else None
+    with autocast:
+        if settings.loss_chunk or part.distill_weight is not None:
+            # the same tokens per LM-head chunk as a batch of batch_size rows, however many rows a part has
+            rows = part.input_ids.shape[0]
+            chunk = max(1, settings.loss_chunk * settings.batch_size // rows) if settings.loss_chunk else 0
+            return chunked_loss(model, part, position_ids, chunk, teacher, totals)
+        out = model(input_ids=part.input_ids.to(device), position_ids=position_ids, use_cache=False)
+        return weighted_lm_loss(out.logits, part, totals)
 
 
 def _tensorboard(out_dir: Path):
