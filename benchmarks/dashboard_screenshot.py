@@ -22,10 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 from benchmarks.output import emit
-from search import runs
 from benchmarks.small_search import write_config
+from search import runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

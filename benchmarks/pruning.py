@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-
 from benchmarks.output import emit
-from fitness.models import machine_name
 from fitness.factor_files import load_factor_file
+from fitness.models import machine_name
 from search import runs
 from search.objective import objective_value
 

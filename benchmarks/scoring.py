@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-
 from benchmarks.output import emit
 from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config

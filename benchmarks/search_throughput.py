@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 from benchmarks.output import emit
 from search import driver, long_stage, runs
 from search.workers import Batch, ScoringWorker, WorkerSetup

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-
 from fitness.models import machine_name
 from search import driver, long_stage, runs
 

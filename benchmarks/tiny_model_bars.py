@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-
 from fitness.evaluation import baseline_method, evaluate_methods
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model, machine_name

@@ -3,7 +3,7 @@ and the evaluation after training)."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm

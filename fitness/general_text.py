@@ -18,8 +18,8 @@ import functools
 import importlib.util
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
 from fitness.patch import apply_candidates
+
 
 def _kjv_path() -> Path:
     spec = importlib.util.find_spec("bible")  # found, not imported: its __init__ needs pkg_resources

@@ -85,7 +85,7 @@ class NeedleSettings(BaseModel):
         return formats
 
     @model_validator(mode="after")
-    def _templates_have_slots(self) -> "NeedleSettings":
+    def _templates_have_slots(self) -> NeedleSettings:
         for name in ("needle_template", "question_template"):
             template = getattr(self, name)
             try:
@@ -102,7 +102,7 @@ class NeedleSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _wordings_exist(self) -> "NeedleSettings":
+    def _wordings_exist(self) -> NeedleSettings:
         if isinstance(self.wordings, dict):
             for name, indices in self.wordings.items():
                 if name not in self.formats:
@@ -142,7 +142,7 @@ class NeedleSet:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def subset(self, indices) -> "NeedleSet":
+    def subset(self, indices) -> NeedleSet:
         indices = list(indices)
         return NeedleSet(self.input_ids[indices], [self.answers[i] for i in indices], [self.meta[i] for i in indices])
 

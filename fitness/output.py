@@ -22,9 +22,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from fitness.errors import EnvironmentFault, RopeSearchError
 

@@ -8,8 +8,8 @@ share one forward as K batch rows, each with its own rotary cos/sin (`fitness.pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -18,16 +18,23 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitness import output
-from fitness.config_checks import (MAX_SCALE, MAX_TARGET_WINDOW, RunName, check_haystacks, check_short_lengths,
-                                   model_geometry, naming)
+from fitness.config_checks import (
+    MAX_SCALE,
+    MAX_TARGET_WINDOW,
+    RunName,
+    check_haystacks,
+    check_short_lengths,
+    model_geometry,
+    naming,
+)
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.factor_files import factors_from
 from fitness.factors import RopeCandidate
+from fitness.general_text import default_short_lengths, general_windows
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
 from fitness.models import ModelSettings, load_model, machine_name, save_hf_model
-from fitness.general_text import default_short_lengths, general_windows
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import apply_candidates
 from mixed_window_train.data import MixedBatches, MixedData

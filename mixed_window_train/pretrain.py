@@ -17,15 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitness import output
+from fitness.baselines import baseline
+from fitness.config_checks import check_haystacks
 from fitness.config_io import load_yaml, read_yaml, validate
 from fitness.errors import RopeSearchError
-from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config
 from fitness.models import save_hf_model
 from fitness.needles import Haystack, NeedleSettings, build_document, build_needle_set, haystack_texts
 from fitness.scoring import score_candidates
 from mixed_window_train.trainer import Batch, TrainSettings, train
-from fitness.config_checks import check_haystacks
 
 MAX_WINDOW = 65_536
 MAX_PARAMETERS = 2_000_000_000  # a model trained from scratch here; beyond this it would not finish

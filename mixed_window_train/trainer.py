@@ -14,18 +14,18 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from fitness.config_checks import MAX_SEED
 from tqdm.auto import tqdm
 
+from fitness.config_checks import MAX_SEED
 from fitness.output import atomic_file, write_atomic
 
 
@@ -58,7 +58,7 @@ class TrainSettings(BaseModel):
         return betas
 
     @model_validator(mode="after")
-    def _schedule_descends(self) -> "TrainSettings":
+    def _schedule_descends(self) -> TrainSettings:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr}): the cosine schedule descends to it")
         return self

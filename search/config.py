@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.baselines import BASELINES, COMPARED
 from fitness.config_checks import MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW, RunName
+from fitness.factor_files import candidate_from
 from fitness.models import ModelSettings, upgrade_model_section
 from fitness.needles import NeedleSettings
-from fitness.factor_files import candidate_from
 from search.evolution import EvolutionSettings
 from search.guard import ShortGuardSettings
 from search.pruning import PruningSettings
@@ -98,7 +98,7 @@ class SearchConfig(BaseModel):
     long_factors: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _one_target(self) -> "SearchConfig":
+    def _one_target(self) -> SearchConfig:
         if self.scale is not None and self.target_window is not None:
             raise ValueError("give exactly one of scale and target_window")
         if self.scale is None and self.target_window is None and self.long_factors is None:

@@ -19,25 +19,25 @@ import socket
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from fitness.factor_files import load_factor_file
 from fitness.factors import RopeCandidate
 from fitness.geometry import RopeGeometry
-from fitness.factor_files import load_factor_file
-from search.guard import (SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost,
-                          violation)
+from search import trial_keys as keys
+from search.guard import SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost, violation
 from search.liveness import Heartbeat, fail_interrupted
 from search.objective import NEEDLE_PPL, objective_value
-from search import trial_keys as keys
 from search.slots import GenerationSlots, Slots
-from search.trial_keys import BASELINES, DRIVER, ERROR, STOPPED
 from search.space import RopeSpace, ShortSpace
+from search.trial_keys import BASELINES, DRIVER, ERROR, STOPPED
 from search.workers import CandidateScore, Job, TextSetup, WorkerSetup, make_pool
 
 

@@ -11,15 +11,22 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness import output
-from fitness.config_checks import (MAX_TARGET_WINDOW, RunName, check_haystacks, check_model, check_short_lengths,
-                                   model_geometry, naming)
+from fitness.baselines import BASELINES, COMPARED
+from fitness.config_checks import (
+    MAX_TARGET_WINDOW,
+    RunName,
+    check_haystacks,
+    check_model,
+    check_short_lengths,
+    model_geometry,
+    naming,
+)
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method, per_format, short_text_costs
-from fitness.general_text import GENERAL_ENGLISH, default_short_lengths, perplexity, text_windows
-from fitness.baselines import BASELINES, COMPARED
 from fitness.factor_files import factors_from
 from fitness.factors import RopeCandidate
+from fitness.general_text import GENERAL_ENGLISH, default_short_lengths, perplexity, text_windows
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model, load_tokenizer, machine_name
 from fitness.needles import NeedleSettings, build_needle_set, tokenizer_fingerprint
@@ -59,7 +66,7 @@ class EvalConfig(BaseModel):
     ruler: RulerSettings | None = None  # the RULER-style suite, scored on what each method generates
 
     @model_validator(mode="after")
-    def _known(self) -> "EvalConfig":
+    def _known(self) -> EvalConfig:
         unknown = [m for m in self.methods if m not in BASELINES]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {list(BASELINES)}")
@@ -70,7 +77,7 @@ class EvalConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _one_row_per_label(self) -> "EvalConfig":
+    def _one_row_per_label(self) -> EvalConfig:
         labels = [*self.methods, *self.factors, *self.models]
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:

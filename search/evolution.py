@@ -41,7 +41,7 @@ class EvolutionSettings(BaseModel):
     max_attempts: int = Field(default=2, gt=0, le=100)  # evaluations of a slot that may fail before it is given up
 
     @model_validator(mode="after")
-    def _children(self) -> "EvolutionSettings":
+    def _children(self) -> EvolutionSettings:
         if self.mutations + self.crossovers == 0:
             raise ValueError("mutations + crossovers must be at least 1")
         return self

@@ -89,7 +89,7 @@ class WindowNeedleSettings(BaseModel):
     max_retrieval_drop: float = Field(default=0.0, ge=0, le=1)
 
 
-def group_scores(groups_by_length: dict[int, dict[str, "Score"]]) -> dict[str, dict]:
+def group_scores(groups_by_length: dict[int, dict[str, Score]]) -> dict[str, dict]:
     """{"LENGTH/FORMAT": {"needle_ppl", "retrieval"}}: one row per group, the form stored and reported."""
     return {f"{length}/{name}": {"needle_ppl": part.fitness, "retrieval": part.retrieval}
             for length, parts in groups_by_length.items() for name, part in parts.items()}

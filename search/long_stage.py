@@ -14,19 +14,19 @@ from pathlib import Path
 
 import optuna
 
+from fitness.baselines import baseline
 from fitness.evaluation import baseline_method, evaluate_methods, fixed_method
 from fitness.factor_files import candidate_from
-from fitness.baselines import baseline
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config, load_model, machine_name
 from search import driver, report
 from search.evolution import EvolutionarySampler
 from search.objective import NEEDLE_PPL
-from search.trial_keys import BASELINES
 from search.pruning import make_pruner, saved_scorings
 from search.slots import NoSlots
 from search.space import RopeSpace
 from search.storage import open_storage
+from search.trial_keys import BASELINES
 from search.workers import WorkerSetup
 
 REPORT = "report.json"  # written last: the stage is done once it exists

@@ -31,18 +31,17 @@ import optuna
 import yaml
 
 from fitness import output
+from fitness.config_checks import MAX_TARGET_WINDOW, check_haystacks, model_geometry, naming
 from fitness.config_io import load_yaml
 from fitness.errors import RopeSearchError
+from fitness.factor_files import candidate_from
 from fitness.factors import check_geometry
 from search import driver, long_stage, short_stage
 from search import trial_keys as keys
-from fitness.config_checks import MAX_TARGET_WINDOW, check_haystacks, model_geometry, naming
-from fitness.factor_files import candidate_from
 from search.config import SearchConfig, unresumable_changes
 from search.space import RopeSpace
 from search.storage import STUDY_DB, EnvironmentFault, check_reachable, check_study_file, open_storage
 from search.workers import check_ray_address
-
 
 
 def load_search_config(config_path: Path, overrides: dict | None = None) -> SearchConfig:

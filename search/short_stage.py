@@ -37,24 +37,25 @@ from typing import Annotated, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fitness.baselines import no_scaling
 from fitness.config_checks import MAX_SEED, naming
 from fitness.errors import RopeSearchError
 from fitness.evaluation import evaluate_methods, fixed_method, short_text_costs
-from fitness.baselines import no_scaling
+from fitness.factor_files import load_factor_file
 from fitness.factors import RopeCandidate
 from fitness.general_text import GENERAL_ENGLISH, default_short_lengths, text_windows
 from fitness.models import load_model, load_tokenizer, machine_name
 from fitness.needles import BUILTIN_HAYSTACKS, NeedleSettings, build_needle_set
-from fitness.factor_files import load_factor_file
 from search import driver, report
 from search import trial_keys as keys
-from search.trial_keys import BASELINES, LONG_CANDIDATE as LONG_ATTR
 from search.cma import GenerationalCmaEs, default_population, generations_for
 from search.guard import WindowNeedleSettings
 from search.objective import LABELS, TEXT_PPL, TEXT_PPL_RATIO, objective_value
 from search.slots import NoSlots
 from search.space import ShortSpace, ShortSpaceSettings
 from search.storage import open_storage
+from search.trial_keys import BASELINES
+from search.trial_keys import LONG_CANDIDATE as LONG_ATTR
 from search.workers import TextSetup
 
 BEST_FILE = "best_short_factors.json"

@@ -17,8 +17,8 @@ from typing import Literal
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
-from fitness.errors import RopeSearchError
 from fitness.baselines import critical_dim_shape
+from fitness.errors import RopeSearchError
 from fitness.factors import ATTENTION_FACTORS, RopeCandidate, attention_factor, make_candidate
 from fitness.geometry import RopeGeometry
 

@@ -20,16 +20,24 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Iterator, Literal, Sequence, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitness.errors import RopeSearchError
 from fitness.factors import RopeCandidate
-from fitness.general_text import (GENERAL_ENGLISH, candidate_perplexities, candidate_window_nll, haystack_windows,
-                                  perplexity, text_windows, window_nll)
+from fitness.general_text import (
+    GENERAL_ENGLISH,
+    candidate_perplexities,
+    candidate_window_nll,
+    haystack_windows,
+    perplexity,
+    text_windows,
+    window_nll,
+)
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings, load_model
 from fitness.needles import NeedleSettings, build_needle_set
@@ -127,11 +135,11 @@ class CandidateScore:
 
     @classmethod
     def of(cls, score: Score, seconds: float, short_cost: float | None = None,
-           document_format: Sequence[str] = ()) -> "CandidateScore":
+           document_format: Sequence[str] = ()) -> CandidateScore:
         return cls(score.fitness, score.retrieval, score.document_nll, score.document_exact, seconds, short_cost,
                    list(document_format))
 
-    def then(self, second: "CandidateScore") -> "CandidateScore":
+    def then(self, second: CandidateScore) -> CandidateScore:
         """This first-stage score joined with the same candidate's score on the remaining documents."""
         joined = fitness_of(self.document_nll + second.document_nll, self.document_exact + second.document_exact)
         return CandidateScore.of(joined, self.seconds + second.seconds, self.short_cost,

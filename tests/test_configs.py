@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fitness.config_io import load_yaml, read_yaml
 from fitness.baselines import BASELINES
+from fitness.config_io import load_yaml, read_yaml
 from fitness.factor_files import load_factor_file
 from mixed_window_train.finetune import FinetuneConfig
 from mixed_window_train.pretrain import PretrainConfig

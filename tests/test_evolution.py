@@ -7,11 +7,11 @@ import pytest
 from optuna.trial import TrialState
 
 from fitness.geometry import RopeGeometry
-from search.evolution import EvolutionarySampler, EvolutionSettings
 from search import trial_keys as keys
+from search.evolution import EvolutionarySampler, EvolutionSettings
 from search.slots import slot_of
-from search.trial_keys import ERROR, INTERRUPTED
 from search.space import RopeSpace, SpaceSettings
+from search.trial_keys import ERROR, INTERRUPTED
 
 GEOMETRY = RopeGeometry(rotary_dim=64, base=10000.0, original_window=256, head_dim=64)
 SETTINGS = EvolutionSettings(population=12, parents=4, mutations=3, crossovers=3, generations=4)

@@ -6,12 +6,12 @@ import math
 import warnings
 
 import numpy as np
-import yaml
 import pytest
 import torch
+import yaml
 
-from fitness.errors import RopeSearchError
 from fitness.baselines import baseline, critical_dim_shape
+from fitness.errors import RopeSearchError
 from fitness.factors import make_candidate
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.needles import NeedleSettings, build_needle_set

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from fitness.errors import RopeSearchError
 from fitness.baselines import BASELINES, baseline
+from fitness.errors import RopeSearchError
+from fitness.factor_files import load_factor_file
 from fitness.factors import RopeCandidate, make_candidate
 from fitness.geometry import RopeGeometry, geometry_from_config
 from fitness.hf_config import longrope_config_keys
-from fitness.factor_files import load_factor_file
 from tests.conftest import llama_config
 
 WINDOW, SCALE = 256, 4.0

@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 from search import long_stage, runs
 from search.cli import main
 from search.slots import slot_of
-from search.trial_keys import DRIVER
 from search.storage import open_storage
+from search.trial_keys import DRIVER
 from tests.search_helpers import completed_in, history, history_of, launch, write_config
 
 TOTAL = 8 + 3 * 4  # the small config's evaluations

@@ -4,9 +4,9 @@ is measured by the worker and constrains the search (feasible first, then the lo
 import pytest
 from optuna.trial import TrialState
 
+from fitness.factor_files import load_factor_file
 from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
 from fitness.models import load_model
-from fitness.factor_files import load_factor_file
 from search import long_stage, runs
 from search.guard import CONSTRAINTS, SHORT_COST, best_trial
 from tests.search_helpers import write_config

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fitness.errors import RopeSearchError
 from fitness.baselines import baseline
+from fitness.errors import RopeSearchError
 from fitness.factors import make_candidate
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import longrope_config_keys

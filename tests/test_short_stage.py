@@ -7,13 +7,13 @@ import yaml
 from optuna.trial import TrialState
 
 from fitness.baselines import baseline, deployed_baseline
+from fitness.factor_files import candidate_from, load_factor_file
 from fitness.factors import RopeCandidate
 from fitness.general_text import PARTS, general_windows
 from fitness.geometry import geometry_from_config
 from fitness.models import load_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
-from fitness.factor_files import candidate_from, load_factor_file
 from search import cli, runs, short_stage
 from search.guard import violation
 from search.slots import slot_of
