@@ -32,6 +32,8 @@
 #                              file are replaced by this machine's latest smollm2-32k-short run, if any. N: a
 #                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept).
 #                              Stopped cleanly after CALL_SECONDS (540); the same step again goes on (same machine)
+#   session.sh short-rows NAME [N]  N steps of the fine-tune configs/NAME.yaml with short rows cut at the window,
+#                              then packed to the target (benchmarks/short_rows.py): seconds a step, peak memory
 #   session.sh eval [CONFIG]   needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
 #                              (configs/eval-smollm2.yaml, or CONFIG)
 #   session.sh ruler [CONFIG] [N]  the RULER-style suite (configs/eval-smollm2-ruler.yaml) with the fine-tuned
@@ -171,6 +173,10 @@ case "$step" in
     grep -A6 "^factors" "$config"
     $py -m search.cli eval "$config" --out /tmp/gpu/$name 2>&1 | tr '\r' '\n' | grep -v "^eval: " | tail -40
     cp /tmp/gpu/$name/eval.json "$OUT/$card/$name.json" ;;
+  short-rows)
+    name=${2:?train config name} steps=${3:-3}
+    timeout -k 30 ${CALL_SECONDS:-540} $py -m benchmarks.short_rows "configs/$name.yaml" --steps "$steps" \
+        --out "$OUT/$card/short-rows-$name.json" ;;
   throughput)
     $py -m benchmarks.search_throughput configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
         --out "$OUT/$card/search-throughput-32k.json" ;;
