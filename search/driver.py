@@ -35,7 +35,7 @@ from search import trial_keys as keys
 from search.guard import SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost, violation
 from search.liveness import Heartbeat, fail_interrupted
 from search.objective import NEEDLE_PPL, objective_value
-from search.slots import GenerationSlots, Slots
+from search.slots import GenerationSlots, Slots, step_back_if_duplicate
 from search.space import RopeSpace, ShortSpace
 from search.trial_keys import BASELINES, DRIVER, ERROR, STOPPED
 from search.workers import CandidateScore, Job, TextSetup, WorkerSetup, make_pool
@@ -116,6 +116,8 @@ def record(ctx: SearchContext, asked: Asked, score: CandidateScore | None, error
         keys.set_trial_system_attr(study, trial, ERROR, error[:500])
         ctx.study.tell(asked.trial, state=TrialState.FAIL)
         return False
+    if step_back_if_duplicate(study, trial):
+        return False
     _keep_scores(ctx, trial, score)
     record_cost(study, trial, score.short_cost, ctx.guard, score.window_violation)  # before tell: samplers read it
     ctx.study.tell(asked.trial, score.value)
@@ -144,6 +146,9 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
     for asked, score in zip(outcome.job.tag, outcome.scores):
         asked.first_stage = score
         if asked.trial is None or math.isnan(score.value):
+            continue
+        if step_back_if_duplicate(ctx.study, asked.trial):
+            asked.trial = None  # still scored with its group (the batch stays the same), never told
             continue
         asked.trial.report(score.value, step=len(outcome.job.documents))
         if asked.trial.should_prune():
@@ -269,7 +274,7 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
 
     try:
         score_baselines(ctx, pool)
-        loop_started = last_written = time.time()
+        loop_started = last_written = last_checked = time.time()
         while True:
             jobs: deque = deque()
             ask(jobs)
@@ -278,11 +283,14 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                     break
                 time.sleep(1.0)  # another driver is finishing this generation
                 heartbeat()
+                if time.time() - last_checked > 10:  # or died doing it
+                    fail_interrupted(ctx.study, ctx.driver_id)
+                    last_checked = time.time()
                 continue
             for outcome in pool.run(jobs):
                 outstanding -= 1
+                open_trials.difference_update(_trial_ids(outcome.job))  # before settle, which may drop a duplicate
                 settled, follow_up = settle(ctx, outcome)
-                open_trials.difference_update(_trial_ids(outcome.job))
                 if follow_up is not None:
                     jobs.appendleft(follow_up)  # first in line: its trials are the oldest open ones
                     outstanding += 1

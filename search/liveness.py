@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import datetime
 
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
@@ -33,6 +34,13 @@ def _alive(driver: str, heartbeats: dict) -> bool:
     return time.time() - heartbeats.get(driver, 0.0) < HEARTBEAT_GRACE_S
 
 
+def _age_s(trial) -> float:
+    started = trial.datetime_start
+    if started is None:
+        return float("inf")
+    return (datetime.now(started.tzinfo) - started).total_seconds()  # journal: aware UTC; RDB: naive local
+
+
 class Heartbeat:
     """Tells other drivers this one is alive: a storage write, so at most every `every_s` seconds."""
 
@@ -47,12 +55,17 @@ class Heartbeat:
 
 
 def fail_interrupted(study, driver_id: str) -> int:
-    """Mark RUNNING trials whose driver is dead as failed ("interrupted"); their slots open again."""
+    """Mark RUNNING trials whose driver is dead as failed ("interrupted"); their slots open again. Called as
+    a driver starts, and while it waits for slots that another driver holds (which may die meanwhile)."""
     attrs = keys.study_system_attrs(study)
     heartbeats = {k[len(HEARTBEAT):]: v for k, v in attrs.items() if k.startswith(HEARTBEAT)}
+    others_alive = any(d != driver_id and _alive(d, heartbeats) for d in heartbeats)
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        driver = trial.system_attrs.get(DRIVER, "?:0:0")
+        driver = trial.system_attrs.get(DRIVER)
+        if driver is None and others_alive and _age_s(trial) < HEARTBEAT_GRACE_S:
+            continue  # a live driver may be asking it right now: it writes its name just after the ask
+        driver = driver or "?:0:0"  # nobody alive can be asking it: its driver died in the ask
         if driver != driver_id and not _alive(driver, heartbeats):
             try:
                 keys.set_trial_system_attr(study, trial, ERROR, INTERRUPTED)

@@ -204,6 +204,20 @@ def _drop_duplicates(study, generation: int, by_slot: dict) -> None:
             _fail(study, by_slot.pop(slot[1]), f"{DUPLICATE} of trial {trial.number}")
 
 
+def step_back_if_duplicate(study, trial) -> bool:
+    """Fail `trial` as a duplicate if a lower-numbered trial holds its slot (running or settled); True if so.
+    Called again just before a trial settles: at the ask, the other driver's trial may exist without its
+    slot written yet, so both drivers kept the slot and scored it."""
+    slot = keys.trial_system_attrs(study, trial).get(SLOT)
+    if slot is None:
+        return False
+    for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *SETTLED)):
+        if other.number < trial.number and slot_of(other) == tuple(slot):
+            _fail(study, trial, f"{DUPLICATE} of trial {other.number}")
+            return True
+    return False
+
+
 class SlotSampler(BaseSampler):
     """The Optuna side of a sampler that works by generations (the evolution, CMA-ES): each new trial is
     given a slot of `self.slots`, and its parameters are that slot's proposal, `self.proposals(study,
