@@ -9,6 +9,7 @@ import threading
 import time
 from collections import deque
 
+import pytest
 from optuna.trial import TrialState
 
 from search import driver, long_stage, runs
@@ -19,28 +20,39 @@ from search.trial_keys import DRIVER, DUPLICATE, ERROR, HEARTBEAT, INTERRUPTED, 
 from search.workers import Job, make_pool
 from tests.search_helpers import write_config
 
+PRUNING = {"pruning.name": "earlier_trials", "pruning.documents": 2, "pruning.min_reference": 4}
 
-def two_drivers(tmp_path):
-    config = runs.load_search_config(write_config(tmp_path, **{"workers.candidates_per_forward": 1}))
+
+def two_drivers(tmp_path, **changes):
+    config = runs.load_search_config(write_config(tmp_path, **{"workers.candidates_per_forward": 1}, **changes))
     run_dir = runs.create(config, tmp_path / "runs")
     first = long_stage.open_context(run_dir, config)
     second = dataclasses.replace(long_stage.open_context(run_dir, config), driver_id="elsewhere:1:0")
     return first, second
 
 
-def test_a_slot_taken_by_both_drivers_is_completed_once_whoever_finishes_first(tmp_path):
-    first, second = two_drivers(tmp_path)
+def settle_all(ctx, pool, outcome) -> int:
+    """Settle an outcome and, under pruning, score and settle its second stage too: evaluations settled."""
+    settled, follow_up = driver.settle(ctx, outcome)
+    if follow_up is not None:
+        settled += settle_all(ctx, pool, next(pool.run(deque([follow_up]))))
+    return settled
+
+
+@pytest.mark.parametrize("changes", [{}, PRUNING], ids=["whole", "pruning"])
+def test_a_slot_taken_by_both_drivers_is_completed_once_whoever_finishes_first(tmp_path, changes):
+    first, second = two_drivers(tmp_path, **changes)
     [mine] = driver.next_jobs(first, limit=1)
     [theirs] = driver.next_jobs(second, limit=1)
     earlier, later = mine.tag[0].trial, theirs.tag[0].trial
     # the race: the second driver read the book before the first one's slot was written, so it took the
     # same slot (and, as the proposals are the same on both sides, the same candidate)
     keys.set_trial_system_attr(second.study, later, SLOT, list(slot_of(first.study.trials[earlier.number])))
-    theirs = Job([driver.Asked(later, mine.tag[0].candidate)], list(mine.candidates))
+    theirs = Job([driver.Asked(later, mine.tag[0].candidate)], list(mine.candidates), mine.documents)
     pool = make_pool(first.config.workers, first.setup)
     outcomes = list(pool.run(deque([theirs, mine])))  # the later trial finishes first
-    assert driver.settle(second, outcomes[0]) == (0, None)
-    assert driver.settle(first, outcomes[1]) == (1, None)
+    assert driver.settle(second, outcomes[0]) == (0, None)  # stepped back: no second stage either
+    assert settle_all(first, pool, outcomes[1]) == 1
 
     trials = {t.number: t for t in first.study.get_trials()}
     assert trials[earlier.number].state == TrialState.COMPLETE
