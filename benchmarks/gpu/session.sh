@@ -38,8 +38,9 @@
 #                              (configs/eval-smollm2.yaml, or CONFIG)
 #   session.sh ruler [CONFIG] [N]  the RULER-style suite (configs/eval-smollm2-ruler.yaml) with the fine-tuned
 #                              models of `train`; N: samples per task (a smoke run, not kept)
-#   session.sh throughput [N]  the search loop against in-process scoring at 32k (N evaluations, 24);
-#                              its JSON is rewritten after each mode, so a call cut short keeps what ran
+#   session.sh throughput [N] [NAME]  the search loop (Ray, one worker: Ray must be in the bundle) against
+#                              in-process scoring, configs/NAME.yaml (smollm2-32k; smollm2-128k for the 128k bar),
+#                              N evaluations (24); its JSON is rewritten after each mode, so a call cut short keeps what ran
 # Results go to $OUT/<card>/ (they come back to benchmarks/results/<card>/).
 set -euo pipefail
 step=${1:?step}
@@ -178,8 +179,9 @@ case "$step" in
     timeout -k 30 ${CALL_SECONDS:-540} $py -m benchmarks.short_rows "configs/$name.yaml" --steps "$steps" \
         --out "$OUT/$card/short-rows-$name.json" ;;
   throughput)
-    $py -m benchmarks.search_throughput configs/smollm2-32k.yaml --evaluations ${2:-24} --workers 1 \
-        --out "$OUT/$card/search-throughput-32k.json" ;;
+    name=${3:-smollm2-32k}
+    $py -m benchmarks.search_throughput "configs/$name.yaml" --evaluations ${2:-24} --workers 1 \
+        --out "$OUT/$card/search-throughput-${name#smollm2-}.json" ;;
   ruler)
     config=${2:-configs/eval-smollm2-ruler.yaml} samples=${3:-}
     name=$(basename "$config" .yaml)
