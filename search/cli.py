@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from fitness.errors import RopeSearchError
+from search import interrupts
 
 EPILOG = "Configs are YAML; see configs/ for commented examples. Docs: README.md and docs/."
 
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     _one_line_log()
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with interrupts.remembered():
+            return args.handler(args)
     except RopeSearchError as err:
         print(f"ropesearch: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

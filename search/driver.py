@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fitness.factor_files import load_factor_file
 from fitness.factors import RopeCandidate
 from fitness.geometry import RopeGeometry
+from search import interrupts
 from search import trial_keys as keys
 from search.guard import SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost, violation
 from search.liveness import Heartbeat, fail_interrupted
@@ -282,12 +283,14 @@ def search(ctx: SearchContext, stop_after: int | None = None, quiet: bool = Fals
                 if room() == 0 or ctx.slots.finished(ctx.study):
                     break
                 time.sleep(1.0)  # another driver is finishing this generation
+                interrupts.check()
                 heartbeat()
                 if time.time() - last_checked > 10:  # or died doing it
                     fail_interrupted(ctx.study, ctx.driver_id)
                     last_checked = time.time()
                 continue
             for outcome in pool.run(jobs):
+                interrupts.check()  # before settling: a batch cut by Ctrl-C is no failed evaluation
                 outstanding -= 1
                 open_trials.difference_update(_trial_ids(outcome.job))  # before settle, which may drop a duplicate
                 settled, follow_up = settle(ctx, outcome)
