@@ -1,6 +1,6 @@
 """Two drivers of one study at the same moment, replayed step by step on the bundled model, real storage:
-each slot ends with one COMPLETE trial whichever driver finishes first, and a driver starting up never
-fails a trial that another driver is asking right now."""
+each slot ends with one COMPLETE trial whichever driver finishes first; a driver starting up never fails a
+trial that another driver is asking right now; a driver waiting for a dead one's slot takes it over."""
 
 import dataclasses
 import socket
@@ -87,7 +87,8 @@ def test_a_driver_waiting_for_another_ones_slot_takes_it_over_when_that_driver_d
     waiting = threading.Thread(target=lambda: done.append(driver.search(second, stop_after=8, quiet=True)),
                                daemon=True)
     waiting.start()
-    while driver.completed(first) < 7:  # every slot of generation 0 but the held one
+    deadline = time.time() + 120
+    while driver.completed(first) < 7 and time.time() < deadline:  # every slot of generation 0 but the held one
         time.sleep(0.2)
     other.kill()
     other.wait()
