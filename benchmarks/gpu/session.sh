@@ -38,6 +38,9 @@
 #                              (configs/eval-smollm2.yaml, or CONFIG)
 #   session.sh ruler [CONFIG] [N]  the RULER-style suite (configs/eval-smollm2-ruler.yaml) with the fine-tuned
 #                              models of `train`; N: samples per task (a smoke run, not kept)
+#   session.sh window-guard [DOCS] [DRAWS]  the short stage's in-window needle guard against ones
+#                              (benchmarks/window_guard.py, configs/smollm2-32k-short.yaml at 2k and 8k): DOCS
+#                              documents per length (48), DRAWS document seeds (3)
 #   session.sh throughput [N] [NAME]  the search loop (Ray, one worker: Ray must be in the bundle) against
 #                              in-process scoring, configs/NAME.yaml (smollm2-32k; smollm2-128k for the 128k bar),
 #                              N evaluations (24); its JSON is rewritten after each mode, so a call cut short keeps what ran
@@ -178,6 +181,9 @@ case "$step" in
     name=${2:?train config name} steps=${3:-3}
     timeout -k 30 ${CALL_SECONDS:-540} $py -m benchmarks.short_rows "configs/$name.yaml" --steps "$steps" \
         --out "$OUT/$card/short-rows-$name.json" ;;
+  window-guard)
+    $py -m benchmarks.window_guard configs/smollm2-32k-short.yaml --lengths 2048 8192 --documents ${2:-48} \
+        --draws ${3:-3} --out "$OUT/$card/window-guard-smollm2.json" | tail -12 ;;
   throughput)
     name=${3:-smollm2-32k}
     $py -m benchmarks.search_throughput "configs/$name.yaml" --evaluations ${2:-24} --workers 1 \
