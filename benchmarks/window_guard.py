@@ -6,7 +6,8 @@ rises more than `max_ppl_increase` above ones' on the same documents. When the s
 to ones moves between draws of those documents by more than the tolerance, a zero tolerance makes the
 draw, not the candidate, decide. This scores, for a short-search config, ones and every seed long^p on
 `--draws` document seeds and reports per group the ratio to ones on each draw, its spread, and the
-violation each seed would get at each tolerance given.
+violation each seed would get at each tolerance given. A row "no scaling" (attention factor 1 too) shows
+what ones itself, through the long stage's attention factor, has already cost inside the window.
 
     python -m benchmarks.window_guard configs/smollm2-32k-short.yaml --lengths 2048 --set model.device=cpu \
         --set model.dtype=float32 --draws 3 --out benchmarks/results/window-guard-smollm2-2k-cpu.json
@@ -29,6 +30,8 @@ from fitness.factor_files import load_factor_file
 from search import runs, short_stage
 from search.guard import window_needle_violation
 from search.workers import TextSetup, TextWorker
+
+NO_SCALING = "no scaling"  # short factors of 1 and attention factor 1: the base model inside its window
 
 
 def summarize(draws: list[dict], names: list[str], guard, tolerances: list[float]) -> dict:
@@ -79,6 +82,8 @@ def main(argv=None) -> None:
     long = load_factor_file(Path(config.long_factors))
     long = long.model_copy(update={"short_factors": None})
     seeds = {name: candidate for name, (candidate, _) in short_stage.seed_candidates(long, config.short_search).items()}
+    # what the model could do before any scaling: the row ones is judged against in the end
+    seeds[NO_SCALING] = seeds[short_stage.ONES].model_copy(update={"attention_factor": 1.0})
     window = long.geometry.original_window
     lengths = tuple(args.lengths or short_stage.needle_lengths(config, window))
     guard = config.short_search.needles
