@@ -33,7 +33,8 @@ from fitness.factors import RopeCandidate
 from fitness.geometry import RopeGeometry
 from search import interrupts
 from search import trial_keys as keys
-from search.guard import SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, record_cost, violation
+from search.guard import (SHORT_COST, VIOLATION, WINDOW_NEEDLES, ShortGuardSettings, best_trial, constraint_values,
+                          record_cost, violation)
 from search.liveness import Heartbeat, fail_interrupted
 from search.objective import NEEDLE_PPL, objective_value
 from search.slots import GenerationSlots, Slots, step_back_if_duplicate
@@ -216,6 +217,9 @@ def score_baselines(ctx: SearchContext, pool) -> dict:
                 results[outcome.job.tag][SHORT_COST] = score.short_cost
             if score.window_needles is not None:
                 results[outcome.job.tag][WINDOW_NEEDLES] = score.window_needles
+            constraints = constraint_values(score.short_cost, ctx.guard, score.window_violation)
+            if constraints:  # so status can say which seeds no guard lets win
+                results[outcome.job.tag][VIOLATION] = max(0.0, *constraints)
     ctx.study.set_user_attr(BASELINES, results)
     return results
 

@@ -42,17 +42,25 @@ class ShortGuardSettings(BaseModel):
         return self.max_cost is not None
 
 
-def record_cost(study, trial, short_cost: float | None, settings: ShortGuardSettings,
-                window_violation: float | None = None) -> None:
-    """The trial's short-window cost (a user attribute) and its constraints: the long stage's text cost
-    under `settings`, the short stage's in-window needle violation; none stored when neither applies."""
+def constraint_values(short_cost: float | None, settings: ShortGuardSettings,
+                      window_violation: float | None = None) -> list[float]:
+    """Optuna's constraint values (<= 0: feasible): the long stage's text cost over `settings.max_cost`,
+    the short stage's in-window needle violation; empty when neither applies."""
     constraints = []
-    if short_cost is not None:
-        keys.set_trial_user_attr(study, trial, SHORT_COST, short_cost)
-        if settings.enabled:
-            constraints.append(short_cost - settings.max_cost)
+    if short_cost is not None and settings.enabled:
+        constraints.append(short_cost - settings.max_cost)
     if window_violation is not None:
         constraints.append(window_violation)
+    return constraints
+
+
+def record_cost(study, trial, short_cost: float | None, settings: ShortGuardSettings,
+                window_violation: float | None = None) -> None:
+    """The trial's short-window cost (a user attribute) and its constraints (a system attribute, none
+    stored when no guard applies)."""
+    if short_cost is not None:
+        keys.set_trial_user_attr(study, trial, SHORT_COST, short_cost)
+    constraints = constraint_values(short_cost, settings, window_violation)
     if constraints:
         keys.set_trial_system_attr(study, trial, CONSTRAINTS, constraints)
 

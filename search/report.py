@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from fitness.baselines import baseline
 from fitness.factors import RopeCandidate
 from fitness.geometry import RopeGeometry
-from search.guard import SHORT_COST, best_trial
+from search.guard import CONSTRAINTS, SHORT_COST, VIOLATION, best_trial, violation
 from search.objective import LABELS, NEEDLE_PPL, objective_value
 from search.trial_keys import ERROR
 
@@ -149,12 +149,19 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None,
                      f"{sampler_state.running} running")
     if count[TrialState.COMPLETE]:
         best = best_trial(study)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        guarded = [t for t in complete if t.system_attrs.get(CONSTRAINTS)]
+        if guarded:  # the best below is the best feasible one: say how many the guards let through
+            feasible = sum(violation(t) <= 0 for t in guarded)
+            lines.append(f"within the guards: {feasible} of {len(complete)} evaluations"
+                         + ("" if violation(best) <= 0 else "; none yet, so the best is the least violating"))
         lines.append(f"best so far on the search documents: {what} {best.value:.4g} (trial {best.number}"
                      f"{_retrieval(best.user_attrs.get('retrieval'))}{_cost(best.user_attrs.get(SHORT_COST))})")
         for name, row in sorted(baselines.items(), key=lambda item: objective_value(item[1])):
             value = objective_value(row)
             lines.append(f"  {name:<14}{value:>10.4g}  ({best.value / value - 1:+.1%} searched vs it)"
-                         + _cost(row.get(SHORT_COST)))
+                         + _cost(row.get(SHORT_COST))
+                         + (f", outside the guards (by {row[VIOLATION]:.3g})" if row.get(VIOLATION, 0) > 0 else ""))
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         reasons = {}

@@ -15,8 +15,9 @@ from fitness.models import load_config
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.scoring import score_candidates
 from search import cli, runs, short_stage
-from search.guard import violation
+from search.guard import VIOLATION, violation
 from search.slots import slot_of
+from search.trial_keys import BASELINES
 from search.space import ShortSpace, ShortSpaceSettings
 from tests.search_helpers import history, launch, write_config
 
@@ -366,6 +367,23 @@ def test_in_window_needles_keep_a_candidate_that_buys_text_with_needles_from_win
     report = json.loads((run_dir / "short_report.json").read_text())["window_needles"]["methods"]
     for length in ("128", "256"):  # the held-out needles (another haystack and seed) agree
         assert report["searched"][length]["retrieval"] >= report["ones"][length]["retrieval"]
+
+    # status says how many the guard let through, and which seeds it rules out (a seed that scores
+    # better than the winner must not look like one the search merely failed to beat)
+    status = runs.status(run_dir)
+    assert f"within the guards: {sum(violation(t) <= 0 for t in trials)} of {len(trials)} evaluations" in status
+    seeds = short_stage.open_context(run_dir, config, read_only=True).study.user_attrs[BASELINES]
+    by_params = {tuple(sorted(t.params.items())): violation(t) for t in trials}
+    space = ShortSpace(long, config.short_search.space)
+    outside = 0
+    for name, (candidate, _) in short_stage.seed_candidates(long, config.short_search).items():
+        expected = by_params[tuple(sorted(space.encode(candidate).items()))]
+        assert seeds[name].get(VIOLATION, 0.0) == pytest.approx(expected, abs=1e-9)
+        marked = f"outside the guards (by {expected:.3g})" in next(line for line in status.splitlines()
+                                                                    if line.strip().startswith(name + " "))
+        assert marked == (expected > 0)
+        outside += expected > 0
+    assert outside  # this run has one: the assertions above were tested both ways
 
 
 @pytest.mark.parametrize(
