@@ -142,7 +142,7 @@ case "$step" in
     name=${2:?config name} steps=${3:-}
     short=$(ls -d /tmp/gpu/runs/smollm2-32k-short-2* 2>/dev/null | tail -1 || true)  # this machine's short stage
     out=/tmp/gpu/$name${steps:+-smoke}
-    sed -e "${short:+s#^factors: benchmarks/results/h200/smollm2-32k-short-best_short_factors.json#factors: $short#}" \
+    sed -e "${short:+s#^factors: benchmarks/results/h200/smollm2-32k-short-text-only-best_short_factors.json#factors: $short#}" \
         ${steps:+-e "s#^  steps: .*#  steps: $steps#" -e "s#^  checkpoint_every: .*#  checkpoint_every: 1#"} \
         ${steps:+-e "s#^  short_windows: .*#  short_windows: 2#" -e "s#^    documents: .*#    documents: 5#"} \
         configs/$name.yaml > /tmp/gpu/$name.yaml
