@@ -28,8 +28,9 @@
 #                              smollm2-32k-short
 #   session.sh resume16|32     finish this machine's latest 16k / 32k run (a call cut off by its time limit)
 #   session.sh train NAME [N]  the fine-tune configs/NAME.yaml into /tmp/gpu/NAME (e.g. train-smollm2-32k and
-#                              its control train-smollm2-32k-yarn). Factors that are the committed short-stage
-#                              file are replaced by this machine's latest smollm2-32k-short run, if any. N: a
+#                              its control train-smollm2-32k-yarn). Factors kept from a search NAME
+#                              (benchmarks/results/CARD/NAME-best_short_factors.json) are replaced by this
+#                              machine's latest run of NAME, if any (e.g. smollm2-64k, resumed just before). N: a
 #                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept).
 #                              Stopped cleanly after CALL_SECONDS (540); the same step again goes on (same machine)
 #   session.sh short-rows NAME [N]  N steps of the fine-tune configs/NAME.yaml with short rows cut at the window,
@@ -140,9 +141,12 @@ case "$step" in
     keep "$run" "$name" ;;
   train)
     name=${2:?config name} steps=${3:-}
-    short=$(ls -d /tmp/gpu/runs/smollm2-32k-short-2* 2>/dev/null | tail -1 || true)  # this machine's short stage
+    # factors kept from a search (benchmarks/results/CARD/SEARCH-best_short_factors.json) come from this
+    # machine's latest run of SEARCH instead, if it has one: a search and its fine-tune in one session
+    factors=$(sed -n 's#^factors: \(benchmarks/results/[a-z0-9]*/\(.*\)-best_short_factors.json\).*#\1 \2#p' configs/$name.yaml)
+    run=$([ -z "$factors" ] || ls -d "/tmp/gpu/runs/${factors#* }"-2* 2>/dev/null | tail -1 || true)
     out=/tmp/gpu/$name${steps:+-smoke}
-    sed -e "${short:+s#^factors: benchmarks/results/h200/smollm2-32k-short-text-only-best_short_factors.json#factors: $short#}" \
+    sed -e "${run:+s#^factors: ${factors% *}#factors: $run#}" \
         ${steps:+-e "s#^  steps: .*#  steps: $steps#" -e "s#^  checkpoint_every: .*#  checkpoint_every: 1#"} \
         ${steps:+-e "s#^  short_windows: .*#  short_windows: 2#" -e "s#^    documents: .*#    documents: 5#"} \
         configs/$name.yaml > /tmp/gpu/$name.yaml
@@ -191,9 +195,8 @@ case "$step" in
   ruler)
     config=${2:-configs/eval-smollm2-ruler.yaml} samples=${3:-}
     name=$(basename "$config" .yaml)
-    short=$(ls -d /tmp/gpu/runs/smollm2-32k-short-2* 2>/dev/null | tail -1 || true)
-    sed -e "${short:+s#^  searched-32k: .*#  searched-32k: $short#}" \
-        ${samples:+-e "s#^  samples: .*#  samples: $samples#" -e "s#^  documents: .*#  documents: 5#"} "$config" > /tmp/gpu/$name.yaml
+    # searched-32k stays the file the config names: the factors train-smollm2-32k.yaml fine-tuned
+    sed -e "" ${samples:+-e "s#^  samples: .*#  samples: $samples#" -e "s#^  documents: .*#  documents: 5#"} "$config" > /tmp/gpu/$name.yaml
     grep -A3 -E "^(factors|models)" /tmp/gpu/$name.yaml
     out=/tmp/gpu/$name${samples:+-smoke}
     rm -rf "$out"
