@@ -152,7 +152,7 @@ def format_status(study, baselines: dict, total: int | None, sampler_state=None,
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         guarded = [t for t in complete if t.system_attrs.get(CONSTRAINTS)]
         if guarded:  # the best below is the best feasible one: say how many the guards let through
-            feasible = sum(violation(t) <= 0 for t in guarded)
+            feasible = sum(violation(t) <= 0 for t in complete)
             lines.append(f"within the guards: {feasible} of {len(complete)} evaluations"
                          + ("" if violation(best) <= 0 else "; none yet, so the best is the least violating"))
         lines.append(f"best so far on the search documents: {what} {best.value:.4g} (trial {best.number}"
