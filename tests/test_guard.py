@@ -8,7 +8,7 @@ from fitness.factor_files import load_factor_file
 from fitness.general_text import candidate_perplexities, haystack_windows, perplexity
 from fitness.models import load_model
 from search import long_stage, runs
-from search.guard import CONSTRAINTS, SHORT_COST, best_trial
+from search.guard import CONSTRAINTS, SHORT_COST, best_trial, violation
 from tests.search_helpers import write_config
 
 LIMIT = 0.002
@@ -41,3 +41,25 @@ def test_guard_keeps_the_winner_within_its_short_window_budget(tmp_path):
     windows = haystack_windows(tokenizer, ["pydoc"], 256, 2)
     (ppl,) = candidate_perplexities(model, windows, [saved])
     assert ppl / perplexity(model, windows) - 1 == pytest.approx(winner.user_attrs[SHORT_COST], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_in_the_long_stage_the_guards_cost_is_the_attention_factors_alone(tmp_path):
+    """Inside the window a long-stage candidate has no short factors, so the guard's cost depends on its
+    attention factor only (benchmarks/guard_costs.py groups a run by it): a group never spans two costs,
+    and every evaluation at a factor over the limit was spent on a candidate that could not win."""
+    from benchmarks.guard_costs import guard_costs
+
+    _, study = _run(tmp_path / "guarded", **{"short_guard.max_cost": LIMIT})
+    costs = guard_costs(study, LIMIT)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    groups = costs["by_attention_factor"]
+    assert sum(g["evaluations"] for g in groups) == costs["evaluations"] == len(complete)
+    assert any(g["evaluations"] > 1 for g in groups)  # candidates with other long factors share a factor
+    assert len({round(t.params["critical_dim"]) for t in complete}) > 1
+    for group in groups:
+        assert group["short_cost_max"] - group["short_cost_min"] <= 1e-6 * max(1.0, group["short_cost_max"])
+        assert (group["within_guard"] == group["evaluations"]) == (group["short_cost_max"] <= LIMIT)
+    assert costs["within_guard"] == sum(violation(t) <= 0 for t in complete)
+    over = sum(g["evaluations"] for g in groups if g["short_cost_max"] > LIMIT)
+    assert costs["spent_over_the_limit"] == pytest.approx(over / len(complete))
