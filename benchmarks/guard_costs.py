@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from benchmarks.output import emit
 from search import long_stage, runs
+from search.evolution import attention_edge
 from search.guard import SHORT_COST, violation
 
 
@@ -38,6 +39,7 @@ def guard_costs(study, max_cost: float | None) -> dict:
         "within_guard": sum(g["within_guard"] for g in groups),
         "spent_over_the_limit": sum(g["evaluations"] for g in over) / len(complete) if complete else None,
         "largest_attention_factor_within": max(feasible, default=None),
+        "interpolated_edge": attention_edge(complete, max_cost) if max_cost is not None else None,
         # the guard's edge lies between the two
         "next_attention_factor_over": min((g["attention_factor"] for g in over if g["attention_factor"] is not None
                                            and g["attention_factor"] > max(feasible, default=0.0)), default=None),

@@ -108,6 +108,10 @@ class SearchConfig(BaseModel):
         unknown = [name for name in self.baselines if name not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINES)}")
+        if self.short_guard.bound_attention and (self.short_guard.max_cost is None or self.sampler.name != "evolution"
+                                                 or not self.space.search_attention):
+            raise ValueError("short_guard.bound_attention needs short_guard.max_cost, sampler evolution and "
+                             "space.search_attention")
         if self.pruning.name != "none" and self.pruning.documents >= self.needles.documents:
             raise ValueError(f"pruning.documents ({self.pruning.documents}) must be fewer than needles.documents "
                              f"({self.needles.documents}): they are the first stage of those")

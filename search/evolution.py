@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitness.baselines import baseline
 from fitness.factors import RopeCandidate
+from search.guard import SHORT_COST
 from search.slots import GenerationSlots, SlotSampler, finished_history, pruned_before
 from search.space import RopeSpace
 
@@ -47,6 +48,24 @@ class EvolutionSettings(BaseModel):
         return self
 
 
+def attention_edge(history: list[FrozenTrial], max_cost: float) -> float | None:
+    """The attention factor above 1 at which the short guard's cost reaches `max_cost`, interpolated between
+    the largest factor measured inside the guard and the next one measured over it; None without both.
+    In the long stage the cost is the attention factor's alone (no short factors inside the window) and
+    grows faster than linearly above 1, so the chord crosses `max_cost` at or below the true edge."""
+    cost = {t.params["attention_factor"]: t.user_attrs[SHORT_COST] for t in history
+            if "attention_factor" in t.params and SHORT_COST in t.user_attrs}
+    inside = [a for a, c in cost.items() if a >= 1.0 and c <= max_cost]
+    if not inside:
+        return None
+    a_in = max(inside)
+    over = [a for a, c in cost.items() if a > a_in and c > max_cost]
+    if not over:
+        return None
+    a_out = min(over)
+    return a_in + (max_cost - cost[a_in]) * (a_out - a_in) / (cost[a_out] - cost[a_in])
+
+
 def stretched(candidate: RopeCandidate, target_window: int) -> RopeCandidate:
     """Factors found for a shorter target, for `target_window`: every factor times the ratio of the targets
     (the pairs above the critical one keep their place in [s, upper s]; those below are NTK's in the
@@ -62,9 +81,11 @@ def stretched(candidate: RopeCandidate, target_window: int) -> RopeCandidate:
 
 class EvolutionarySampler(SlotSampler):
     def __init__(self, space: RopeSpace, settings: EvolutionSettings, seed: int = 0,
-                 earlier_winners: tuple[RopeCandidate, ...] = ()):
+                 earlier_winners: tuple[RopeCandidate, ...] = (), attention_limit: float | None = None):
         super().__init__(seed)
         self.space, self.settings, self.seed = space, settings, seed
+        # the short guard's max_cost when children's attention factors are held below its edge
+        self.attention_limit, self._edge = attention_limit, None
         self.earlier_winners = tuple(stretched(c, space.target_window) for c in earlier_winners)
         self._proposals: dict[int, list[dict]] = {}
         # the book of slots the driver asks; the sampler itself only learns which slot a new trial fills
@@ -82,14 +103,18 @@ class EvolutionarySampler(SlotSampler):
             seen = {self.space.key(t.params) for t in history} | {self.space.key(t.params) for t in pruned}
             rng = random.Random(f"evolution:{self.seed}:{generation}")
             if generation == 0:
+                self._edge = None
                 children = self._initial_population(rng, seen)
             else:
+                self._edge = None if self.attention_limit is None else attention_edge(history, self.attention_limit)
                 children = self._children(rng, history, seen)
             self._proposals[generation] = children
         return self._proposals[generation]
 
     def _novel(self, params: dict, seen: set) -> dict | None:
         params = self.space.repair(params)
+        if self._edge is not None and params["attention_factor"] > self._edge:
+            params["attention_factor"] = self._edge  # over it, a child could not win whatever its factors
         key = self.space.key(params)
         if key in seen:
             return None

@@ -36,6 +36,10 @@ class ShortGuardSettings(BaseModel):
     max_cost: float | None = Field(default=None, ge=0, le=10)  # e.g. 0.02: at most +2 % perplexity; None: off
     length: int | None = Field(default=None, gt=8, le=131072)  # None: the model's original window
     windows: int = Field(default=4, gt=0, le=256)
+    # The evolution holds children's attention factors at or below the guard's edge, interpolated from the
+    # finished generations' costs (search.evolution.attention_edge): in the long stage the cost is the
+    # attention factor's alone, so a child above the edge cannot win whatever its long factors.
+    bound_attention: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -37,7 +37,9 @@ def _sampler(config, space: RopeSpace):
     settings = config.sampler
     if settings.name == "evolution":
         earlier = tuple(candidate_from(source) for source in settings.evolution.seed_factors)
-        sampler = EvolutionarySampler(space, settings.evolution, seed=settings.seed, earlier_winners=earlier)
+        limit = config.short_guard.max_cost if config.short_guard.bound_attention else None
+        sampler = EvolutionarySampler(space, settings.evolution, seed=settings.seed, earlier_winners=earlier,
+                                      attention_limit=limit)
         return sampler, sampler.slots
     if settings.name == "tpe":
         return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True), NoSlots()

@@ -63,3 +63,30 @@ def test_in_the_long_stage_the_guards_cost_is_the_attention_factors_alone(tmp_pa
     assert costs["within_guard"] == sum(violation(t) <= 0 for t in complete)
     over = sum(g["evaluations"] for g in groups if g["short_cost_max"] > LIMIT)
     assert costs["spent_over_the_limit"] == pytest.approx(over / len(complete))
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_a_bounded_attention_factor_spends_no_child_over_the_guard(tmp_path):
+    """With bound_attention the evolution holds each child's attention factor at or below the guard's edge,
+    interpolated from the earlier generations' costs; without it, children over the edge are scored for
+    nothing."""
+    from search.evolution import attention_edge
+    from search.slots import finished_history, slot_of
+
+    def children_over(study):
+        return [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if slot_of(t)[0] >= 1 and violation(t) > 0]
+
+    _, free = _run(tmp_path / "free", **{"short_guard.max_cost": LIMIT})
+    _, bounded = _run(tmp_path / "bounded", **{"short_guard.max_cost": LIMIT, "short_guard.bound_attention": True})
+    assert children_over(free)
+    assert not children_over(bounded)
+    children = [t for t in bounded.get_trials(states=(TrialState.COMPLETE,)) if slot_of(t)[0] >= 1]
+    assert children
+    for child in children:
+        history = finished_history(bounded, slot_of(child)[0])
+        edge = attention_edge(history, LIMIT)
+        over = [t.params["attention_factor"] for t in history if t.user_attrs[SHORT_COST] > LIMIT
+                and t.params["attention_factor"] > 1]
+        assert edge is not None and 1.0 <= edge < min(over)
+        assert child.params["attention_factor"] <= edge
+    assert violation(best_trial(bounded)) == 0
