@@ -6,9 +6,10 @@ here too: finite numbers, sizes a run can finish, and a model whose files are al
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fitness.baselines import BASELINES, COMPARED
 from fitness.config_checks import MAX_SCALE, MAX_SEED, MAX_TARGET_WINDOW, RunName
@@ -39,7 +40,19 @@ def changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def unresumable_changes(saved: dict, current: dict) -> list[str]:
     if isinstance(saved, dict) and "model" in saved:  # a study created before model.attention was renamed
         saved = {**saved, "model": upgrade_model_section(saved["model"])}
-    return [key for key in changed_keys(saved, current) if not key.startswith(RESUMABLE_CHANGES)]
+    return [key for key in changed_keys(_with_defaults(saved), current) if not key.startswith(RESUMABLE_CHANGES)]
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A study's config as this version reads it: a key added since the study began (with the default that
+    keeps the old behaviour) is not an edit. The 64k search begun before `short_guard.bound_attention`
+    existed could not resume without this. Left as it is where this version cannot read it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SearchConfig.model_validate(saved).model_dump(mode="json")
+    except (ValidationError, ValueError, TypeError, OSError, RuntimeError):
+        return saved
 
 
 class SamplerSettings(BaseModel):

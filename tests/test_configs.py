@@ -127,3 +127,19 @@ def test_an_attention_factor_is_a_name_or_a_number_and_the_kernel_key_keeps_its_
     del old["model"]["attn_implementation"]
     saved = {**config.model_dump(mode="json"), "model": old["model"]}
     assert unresumable_changes(saved, config.model_dump(mode="json")) == []
+
+
+def test_a_key_added_since_the_study_began_is_not_an_edit(tmp_path):
+    """The 64k search, begun before `short_guard.bound_attention` existed, was refused on resume as if its
+    config had been edited. A key the study's config lacks, at the default that keeps the old behaviour, is
+    no change; setting it is."""
+    from search import runs
+    from search.config import unresumable_changes
+    from tests.search_helpers import write_config
+
+    config = runs.load_search_config(write_config(tmp_path, **{"short_guard.max_cost": 0.01}))
+    saved = config.model_dump(mode="json")
+    del saved["short_guard"]["bound_attention"]  # what the older version kept
+    assert unresumable_changes(saved, config.model_dump(mode="json")) == []
+    edited = config.model_copy(update={"short_guard": config.short_guard.model_copy(update={"bound_attention": True})})
+    assert unresumable_changes(saved, edited.model_dump(mode="json")) == ["short_guard.bound_attention"]
