@@ -262,3 +262,19 @@ def test_a_run_from_before_needle_ppl_was_named_still_reads(tmp_path, capsys):
     runs.run(run_dir, stop_after=2, quiet=True)
     assert completed_in(run_dir / "study.db") == 4
     assert json.loads((run_dir / "best_factors.json").read_text()) == best
+
+
+def test_run_times_add_up_the_pieces_of_a_run_resumed_after_a_pause(tmp_path):
+    """A GPU search runs in calls of at most 10 minutes; the results give each call's evaluations and
+    seconds from the study's own records."""
+    from benchmarks.run_times import run_times
+
+    run_dir = new_run(tmp_path)
+    runs.run(run_dir, stop_after=3, quiet=True)
+    time.sleep(8)  # the next GPU call
+    runs.run(run_dir, stop_after=2, quiet=True)
+    times = run_times(run_dir, gap_seconds=5.0)["long"]
+    assert [p["evaluations"] for p in times["pieces"]] == [3, 2]
+    assert times["evaluations"] == completed_in(run_dir / "study.db") == 5
+    assert times["seconds"] == pytest.approx(sum(p["seconds"] for p in times["pieces"]))
+    assert 0 < times["pieces"][1]["seconds"] < 8  # the pause is between the pieces, not in them
