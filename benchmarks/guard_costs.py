@@ -5,7 +5,7 @@ Inside the original window the long stage's candidates have no short factors (on
 guard measures there depends on the attention factor alone: every evaluation at an attention factor over
 the limit is spent on a candidate that cannot win, whatever its long factors.
 
-    python -m benchmarks.guard_costs RUN_DIR --out benchmarks/results/h200/smollm2-64k-guard-costs.json
+    python -m benchmarks.guard_costs RUN_DIR --out benchmarks/results/h100/smollm2-64k-guard-costs.json
 """
 
 from __future__ import annotations
