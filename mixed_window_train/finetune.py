@@ -34,9 +34,10 @@ from fitness.factors import RopeCandidate
 from fitness.general_text import default_short_lengths, general_windows
 from fitness.geometry import geometry_from_config
 from fitness.hf_config import write_longrope_config
-from fitness.models import ModelSettings, load_model, machine_name, save_hf_model
+from fitness.models import ModelSettings, load_config, load_model, machine_name, save_hf_model
 from fitness.needles import NeedleSettings, build_needle_set
 from fitness.patch import apply_candidates
+from mixed_window_train import adapters
 from mixed_window_train.data import MixedBatches, MixedData
 from mixed_window_train.evaluate import compare_exports, format_comparison
 from mixed_window_train.trainer import TrainSettings, train
@@ -67,6 +68,9 @@ class FinetuneConfig(BaseModel):
     target_window: int | None = Field(default=None, gt=0, le=MAX_TARGET_WINDOW)
     data: MixedData = Field(default_factory=MixedData)
     train: TrainSettings
+    # LoRA on the attention (frozen base weights): a checkpoint of a few MB, so a fine-tune longer than one
+    # GPU machine's lease can go on on another; None: every weight is trained
+    adapter: adapters.AdapterSettings | None = None
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     def target(self, original_window: int) -> int | None:
@@ -99,6 +103,11 @@ def load_finetune_config(config_path: Path) -> tuple[FinetuneConfig, RopeCandida
         raise RopeSearchError(f"{source}: data.short_rows: window cuts short rows into rows of the model's window "
                               f"({window}); the target {candidate.target_window} is not a multiple of it")
     check_short_lengths(config.evaluation.short_lengths, window, source, "evaluation.short_lengths")
+    if config.adapter is not None:
+        missing, linear = adapters.missing_targets(config.adapter, load_config(config.model.name))
+        if missing:
+            raise RopeSearchError(f"{source}: adapter.targets: {config.model.name} has no linear layer named "
+                                  f"{', '.join(missing)} (it has {', '.join(linear)})")
     return config, candidate
 
 
@@ -125,16 +134,19 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     if config.data.short_loss == "distill":  # the base model, original RoPE, frozen
         teacher, _ = load_model(config.model)
         teacher.requires_grad_(False)
+    wrapped = adapters.attach(model, config.adapter, config.train.seed) if config.adapter else None
     with apply_candidates(model, candidate):
         result = train(model, batches, config.train, out_dir, teacher=teacher, stop_after=stop_after)
     if result["step"] < config.train.steps:
         return result  # stopped early (a test's simulated crash): resume with the same call
+    if wrapped is not None:
+        model = adapters.merged(wrapped)
 
     with output.rebuilt_folder(out_dir / "model") as staging:
         save_hf_model(model, tokenizer, staging)
         write_longrope_config(staging, candidate)
     result["machine"] = machine_name(next(model.parameters()).device)
-    del model, teacher  # the evaluation loads one exported model at a time
+    del model, teacher, wrapped  # the evaluation loads one exported model at a time
 
     started = time.time()
     window = geometry.original_window

@@ -275,7 +275,7 @@ def train(
     began = time.perf_counter()
     if (resume := checkpoints.resume_point()) is not None:
         _, state = resume
-        model.load_state_dict(state["model"])
+        load_trained_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         start, last_metrics = state["step"], state.get("metrics", {})
@@ -291,7 +291,7 @@ def train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
 
     def save(step: int, metrics: dict) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+        state = {"model": trained_state(model), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                  "step": step, "metrics": metrics, "settings": settings.model_dump(),
                  "seconds": earlier_seconds + time.perf_counter() - began}
         checkpoints.save(state, step)
@@ -356,6 +356,26 @@ def train(
         raise KeyboardInterrupt  # the caller says how to resume, as for any Ctrl-C
     return {"step": trained, "metrics": last_metrics, "converged": finished,
             "seconds": earlier_seconds + time.perf_counter() - began}  # a run in pieces: all pieces
+
+
+def trained_state(model: torch.nn.Module) -> dict:
+    """What a checkpoint keeps of the model: every weight, or, where some are frozen (adapters), only the
+    trained ones: the frozen ones are the base model's, loaded again on resume."""
+    if all(p.requires_grad for p in model.parameters()):
+        return model.state_dict()
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items() if name in trained}
+
+
+def load_trained_state(model: torch.nn.Module, state: dict) -> None:
+    if all(p.requires_grad for p in model.parameters()):
+        model.load_state_dict(state)
+        return
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected or trained - set(state):
+        raise ValueError(f"the checkpoint does not hold this model's trained weights (it has "
+                         f"{len(unexpected)} unknown, lacks {len(trained - set(state))}): another config's run")
 
 
 def _part_loss(model, part: Batch, settings: TrainSettings, teacher, totals, autocast) -> torch.Tensor:

@@ -230,6 +230,9 @@ BAD_TRAIN = [
     ("evaluation documents huge", lambda p: _set("evaluation.needles.documents", 10**9),
      "evaluation.needles.documents"),
     ("steps a string", lambda p: _set("train.steps", "many"), "train.steps"),
+    ("adapter on a layer the model lacks", lambda p: _set("adapter", {"targets": ["q_proj", "query_key_value"]}),
+     "adapter.targets: tiny has no linear layer named query_key_value"),
+    ("adapter rank 0", lambda p: _set("adapter", {"rank": 0}), "adapter.rank"),
 ]
 # fmt: on
 

@@ -306,3 +306,52 @@ def test_ctrl_c_in_a_training_says_how_to_resume_it(tmp_path, monkeypatch, capsy
     assert main(["train", "configs/train-tiny.yaml", "--out", str(out)]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"ropesearch: interrupted; `ropesearch train configs/train-tiny.yaml --out {out}` continues it"
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_an_adapter_fine_tune_travels_in_a_small_checkpoint_and_ends_where_an_unbroken_one_does(tmp_path):
+    """With `adapter` only the LoRA weights and the norms are trained: the checkpoint holds those alone
+    (a fine-tune of a 135M model at 128k outlasts one GPU machine, and 1.5 GB cannot travel to the next),
+    the latest checkpoint alone, carried to a fresh folder, finishes the run on the same loss curve, and
+    the exported model is the base with the adapters merged."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from fitness.models import load_model
+    from mixed_window_train.finetune import finetune, load_finetune_config
+    from mixed_window_train.trainer import load_checkpoint
+
+    path = small_config(tmp_path, steps=6)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"].update(checkpoint_every=2, lr=3e-3, gradient_checkpointing=True)  # as on the GPU
+    raw["adapter"] = {"rank": 4, "alpha": 8}
+    path.write_text(yaml.safe_dump(raw))
+    config, candidate = load_finetune_config(path)
+
+    unbroken = tmp_path / "unbroken"
+    finetune(config, candidate, unbroken)
+    first = tmp_path / "first-machine"
+    finetune(config, candidate, first, stop_after=4)
+    state = load_checkpoint(first / "checkpoints" / "step_0000004.pt")
+    assert state["model"] and all("lora_" in name or "norm" in name for name in state["model"])
+    base, _ = load_model("tiny")
+    base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    assert (first / "checkpoints" / "step_0000004.pt").stat().st_size < 0.2 * base_bytes
+
+    second = tmp_path / "second-machine"  # what travels: the metrics and the latest checkpoint
+    (second / "checkpoints").mkdir(parents=True)
+    shutil.copy(first / "metrics.csv", second / "metrics.csv")
+    shutil.copy(first / "checkpoints" / "step_0000004.pt", second / "checkpoints")
+    finetune(config, candidate, second)
+    assert losses(second) == losses(unbroken) and len(losses(unbroken)) == 6
+    assert json.loads((second / "evaluation.json").read_text())["step"] == 6
+
+    exported = AutoModelForCausalLM.from_pretrained(second / "model").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(unbroken / "model").state_dict()
+    assert set(exported) <= set(base.state_dict())  # a plain model: no adapter left in it
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(exported[name], reference[name])
+        moved = not torch.equal(exported[name], tensor)
+        assert moved == any(part in name for part in ("q_proj", "k_proj", "v_proj", "o_proj", "norm")), name

