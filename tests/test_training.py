@@ -355,3 +355,35 @@ def test_an_adapter_fine_tune_travels_in_a_small_checkpoint_and_ends_where_an_un
         torch.testing.assert_close(exported[name], reference[name])
         moved = not torch.equal(exported[name], tensor)
         assert moved == any(part in name for part in ("q_proj", "k_proj", "v_proj", "o_proj", "norm")), name
+
+
+@pytest.mark.slow
+def test_adapters_on_the_gguf_loaded_model_merge_and_save_as_a_plain_model(tmp_path):
+    """SmolLM2 comes from a GGUF file, which transformers marks as quantized (the save of such a model broke
+    on the GPU once): adapters train on it, merge into its weights, and the saved model is that model."""
+    from transformers import AutoModelForCausalLM
+
+    from fitness.models import ModelSettings, load_model, save_hf_model
+    from mixed_window_train import adapters
+
+    model, tokenizer = load_model(ModelSettings(name="smollm2-135m", device="cpu", dtype="float32", threads=2))
+    assert model.is_quantized
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    wrapped = adapters.attach(model, adapters.AdapterSettings(), seed=0)
+    model.train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    plain = adapters.merged(wrapped)
+    save_hf_model(plain, tokenizer, tmp_path / "model")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, adapted, atol=2e-4, rtol=0)
+    assert torch.equal(saved.get_input_embeddings().weight, embeddings)  # frozen
