@@ -387,3 +387,23 @@ def test_adapters_on_the_gguf_loaded_model_merge_and_save_as_a_plain_model(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=ids).logits, adapted, atol=2e-4, rtol=0)
     assert torch.equal(saved.get_input_embeddings().weight, embeddings)  # frozen
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_the_adapter_benchmark_compares_the_same_fine_tune_three_ways(tmp_path):
+    import json
+
+    from benchmarks.adapter_vs_full import main
+
+    path = small_config(tmp_path, steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["checkpoint_every"] = 1
+    path.write_text(yaml.safe_dump(raw))
+    main([str(path), "--work", str(tmp_path / "work"), "--lr-scale", "5", "--out", str(tmp_path / "out.json")])
+    result = json.loads((tmp_path / "out.json").read_text())
+    rows = result["variants"]
+    assert list(rows) == ["full", "adapter", "adapter-lr-x5"] and rows["full"]["adapter"] is None
+    assert rows["adapter-lr-x5"]["lr"] == pytest.approx(5 * rows["adapter"]["lr"])
+    assert rows["adapter"]["checkpoint_bytes"] < rows["full"]["checkpoint_bytes"] / 5
+    assert rows["adapter"]["needle_ppl"] != rows["full"]["needle_ppl"]
+    assert set(result["before_fine_tune"]) == {"base (no scaling)", "base + searched factors"}

@@ -1,0 +1,75 @@
+"""Does a fine-tune with LoRA adapters (`adapter:`, whose few-MB checkpoint can travel between GPU machines)
+do what the full fine-tune does? One training config run three ways, the same data, steps and seed: every
+weight trained; adapters at the config's learning rate; adapters at `--lr-scale` times it (adapters start
+from zero and usually want a larger one). The summary gives, per variant, the held-out needle PPL and
+retrieval at the target and inside the window, general-text cost, seconds, and the checkpoint's size.
+
+    python -m benchmarks.adapter_vs_full configs/train-tiny.yaml --work runs/adapter-vs-full \\
+        --out benchmarks/results/tiny-adapter-vs-full-cpu.json
+
+A variant whose folder already holds evaluation.json is read, not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.output import emit
+from mixed_window_train.adapters import AdapterSettings
+from mixed_window_train.finetune import claimed_run_folder, finetune, load_finetune_config
+
+TRAINED = "mixed-window trained"
+
+
+def variants(config, lr_scale: float) -> dict:
+    train = config.train
+    scaled = train.model_copy(update={"lr": train.lr * lr_scale, "min_lr": train.min_lr * lr_scale})
+    return {
+        "full": config,
+        "adapter": config.model_copy(update={"adapter": AdapterSettings()}),
+        f"adapter-lr-x{lr_scale:g}": config.model_copy(update={"adapter": AdapterSettings(), "train": scaled}),
+    }
+
+
+def summary(evaluation: dict, out_dir: Path) -> dict:
+    trained = evaluation["evaluation"][TRAINED]
+    checkpoints = sorted((out_dir / "checkpoints").glob("step_*.pt"))
+    return {
+        "needle_ppl": trained["needle_ppl"], "retrieval": trained["retrieval"],
+        "needle_ppl_in_window": trained["needle_ppl_in_window"], "retrieval_in_window": trained["retrieval_in_window"],
+        "short_cost": trained["short_cost"], "train_seconds": evaluation["seconds"],
+        "checkpoint_bytes": checkpoints[-1].stat().st_size if checkpoints else None,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path, help="a `ropesearch train` config (full fine-tune, no adapter)")
+    parser.add_argument("--work", type=Path, required=True, help="a folder for the three trainings")
+    parser.add_argument("--lr-scale", type=float, default=10.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    config, candidate = load_finetune_config(args.config)
+    rows, before = {}, None
+    for name, variant in variants(config, args.lr_scale).items():
+        out_dir = args.work / name
+        if not (out_dir / "evaluation.json").exists():
+            with claimed_run_folder(out_dir, variant):
+                finetune(variant, candidate, out_dir)
+        evaluation = json.loads((out_dir / "evaluation.json").read_text())
+        before = before or {key: value for key, value in evaluation["evaluation"].items() if key != TRAINED}
+        rows[name] = {"lr": variant.train.lr, "adapter": variant.adapter and variant.adapter.model_dump(),
+                      **summary(evaluation, out_dir)}
+    emit({"benchmark": "adapter_vs_full", "config": str(args.config), "steps": config.train.steps,
+          "target_window": candidate.target_window, "machine": evaluation.get("machine"),
+          "before_fine_tune": {name: {k: row[k] for k in ("needle_ppl", "retrieval", "needle_ppl_in_window",
+                                                         "retrieval_in_window", "short_cost")}
+                               for name, row in before.items()},
+          "variants": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
