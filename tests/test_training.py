@@ -326,7 +326,7 @@ def test_an_adapter_fine_tune_travels_in_a_small_checkpoint_and_ends_where_an_un
     path = small_config(tmp_path, steps=6)
     raw = yaml.safe_load(path.read_text())
     raw["train"].update(checkpoint_every=2, lr=3e-3, gradient_checkpointing=True)  # as on the GPU
-    raw["adapter"] = {"rank": 4, "alpha": 8}
+    raw["adapter"] = {"rank": 4, "alpha": 8, "norms": True}
     path.write_text(yaml.safe_dump(raw))
     config, candidate = load_finetune_config(path)
 
@@ -385,12 +385,12 @@ def test_adapters_on_the_gguf_loaded_model_merge_and_save_as_a_plain_model(tmp_p
     save_hf_model(plain, tokenizer, tmp_path / "model")
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     with torch.no_grad():
-        torch.testing.assert_close(saved(input_ids=ids).logits, adapted, atol=2e-4, rtol=0)
+        torch.testing.assert_close(saved(input_ids=ids).logits, adapted, atol=2e-3, rtol=0)  # fp32 merge
     assert torch.equal(saved.get_input_embeddings().weight, embeddings)  # frozen
 
 
 @pytest.mark.filterwarnings("ignore:vLLM ignore")
-def test_the_adapter_benchmark_compares_the_same_fine_tune_three_ways(tmp_path):
+def test_the_adapter_benchmark_compares_the_same_fine_tune_several_ways(tmp_path):
     import json
 
     from benchmarks.adapter_vs_full import main
@@ -399,11 +399,14 @@ def test_the_adapter_benchmark_compares_the_same_fine_tune_three_ways(tmp_path):
     raw = yaml.safe_load(path.read_text())
     raw["train"]["checkpoint_every"] = 1
     path.write_text(yaml.safe_dump(raw))
-    main([str(path), "--work", str(tmp_path / "work"), "--lr-scale", "5", "--out", str(tmp_path / "out.json")])
+    main([str(path), "--work", str(tmp_path / "work"), "--lr-scale", "1", "5", "--with-norms",
+          "--out", str(tmp_path / "out.json")])
     result = json.loads((tmp_path / "out.json").read_text())
     rows = result["variants"]
-    assert list(rows) == ["full", "adapter", "adapter-lr-x5"] and rows["full"]["adapter"] is None
-    assert rows["adapter-lr-x5"]["lr"] == pytest.approx(5 * rows["adapter"]["lr"])
-    assert rows["adapter"]["checkpoint_bytes"] < rows["full"]["checkpoint_bytes"] / 5
-    assert rows["adapter"]["needle_ppl"] != rows["full"]["needle_ppl"]
+    assert list(rows) == ["full", "adapter-lr-x1", "adapter-lr-x1-norms", "adapter-lr-x5", "adapter-lr-x5-norms"]
+    assert rows["full"]["adapter"] is None and rows["adapter-lr-x5-norms"]["adapter"]["norms"] is True
+    assert rows["adapter-lr-x5-norms"]["needle_ppl"] != rows["adapter-lr-x5"]["needle_ppl"]
+    assert rows["adapter-lr-x5"]["lr"] == pytest.approx(5 * rows["adapter-lr-x1"]["lr"])
+    assert rows["adapter-lr-x1"]["checkpoint_bytes"] < rows["full"]["checkpoint_bytes"] / 5
+    assert rows["adapter-lr-x1"]["needle_ppl"] != rows["full"]["needle_ppl"]
     assert set(result["before_fine_tune"]) == {"base (no scaling)", "base + searched factors"}
