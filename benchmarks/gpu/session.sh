@@ -30,12 +30,13 @@
 #   session.sh resume16|32     finish this machine's latest 16k / 32k run (a call cut off by its time limit)
 #   session.sh train NAME [N]  the fine-tune configs/NAME.yaml into /tmp/gpu/NAME (e.g. train-smollm2-32k and
 #                              its control train-smollm2-32k-yarn). Factors kept from a search NAME
-#                              (benchmarks/results/CARD/NAME-best_short_factors.json) are replaced by this
-#                              machine's latest run of NAME, if any (e.g. smollm2-64k, resumed just before). N: a
+#                              (benchmarks/results/CARD/NAME-best_short_factors.json) are overwritten there from
+#                              this machine's latest run of NAME, if any (e.g. smollm2-64k, resumed just before). N: a
 #                              smoke run (N-1 steps, a resume, the last step, a small evaluation; not kept).
 #                              Stopped cleanly after CALL_SECONDS (540); the same step again goes on (same machine).
 #                              With `adapter:` the stopped run's state (MBs) also comes back as
 #                              <card>/NAME-train-state.tar.gz: committed, a later session's `train NAME` goes on from it
+#                              (remove it once the fine-tune has finished)
 #   session.sh short-rows NAME [N]  N steps of the fine-tune configs/NAME.yaml with short rows cut at the window,
 #                              then packed to the target (benchmarks/short_rows.py): seconds a step, peak memory
 #   session.sh eval [CONFIG]   needle PPL/retrieval per format at 8k/16k/32k: baselines and searched factors
