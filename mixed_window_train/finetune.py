@@ -126,6 +126,12 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     """Train in `out_dir` (resumable; `ropesearch train` claims and locks it first), then write
     `out_dir/model` and `out_dir/evaluation.json`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    finished = out_dir / "evaluation.json"
+    if finished.exists():  # run again after it ended (a timeout at exit): its result, not a second evaluation
+        result = json.loads(finished.read_text())
+        window = geometry_from_config(load_config(config.model.name)).original_window
+        result["table"] = format_comparison(result["evaluation"], candidate.target_window, window)
+        return result
     model, tokenizer = load_model(config.model)
     geometry = geometry_from_config(model.config)
     batches = MixedBatches(tokenizer, config.data, geometry.original_window, candidate.target_window,
@@ -160,5 +166,5 @@ def finetune(config: FinetuneConfig, candidate: RopeCandidate, out_dir: Path, st
     result["evaluation"] = comparison
     result["table"] = format_comparison(comparison, candidate.target_window, window)
     payload = {k: v for k, v in result.items() if k != "table"}
-    output.write_atomic(out_dir / "evaluation.json", json.dumps(payload, indent=2, default=str))
+    output.write_atomic(finished, json.dumps(payload, indent=2, default=str))
     return result

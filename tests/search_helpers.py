@@ -57,10 +57,10 @@ class StderrFile:
         self.file.close()
 
 
-def launch(args, cwd=REPO, env=None, module="search.cli", **kwargs):
+def launch(args, cwd=REPO, env=None, module="search.cli", stdout=subprocess.DEVNULL, **kwargs):
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     stderr = StderrFile()
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=stdout,
                                stderr=stderr.file, start_new_session=True, **kwargs)
     process.stderr = stderr
     return process

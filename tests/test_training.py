@@ -4,6 +4,7 @@ long ones get the searched factors; a killed run resumes onto the identical loss
 import csv
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -85,15 +86,22 @@ def losses(out: Path) -> list[tuple[int, str]]:
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)]
 
 
-def run_cli(*args):
-    return launch(list(args))
+def run_cli(*args, **kwargs):
+    return launch(list(args), **kwargs)
 
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_identical_loss_curve(tmp_path):
     config = small_config(tmp_path)
     reference = tmp_path / "reference"
-    assert run_cli("train", str(config), "--out", str(reference)).wait(timeout=600) == 0
+    first = run_cli("train", str(config), "--out", str(reference), stdout=subprocess.PIPE)
+    assert first.wait(timeout=600) == 0
+    # the same command on a finished folder (a timeout that struck at exit) gives its result again, as is
+    evaluated = (reference / "evaluation.json").stat().st_mtime_ns
+    again = run_cli("train", str(config), "--out", str(reference), stdout=subprocess.PIPE)
+    assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-2000:]
+    assert again.stdout.read() == first.stdout.read()
+    assert (reference / "evaluation.json").stat().st_mtime_ns == evaluated and len(losses(reference)) == 12
     crashed = tmp_path / "crashed"
     process = run_cli("train", str(config), "--out", str(crashed))
     deadline = time.time() + 300

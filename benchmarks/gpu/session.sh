@@ -174,6 +174,8 @@ case "$step" in
     timeout -s INT -k 60 "${CALL_SECONDS:-540}" $py -m search.cli train /tmp/gpu/$name.yaml --out "$out" \
       > /tmp/gpu/$name.log 2>&1 || rc=$?
     tr '\r' '\n' < /tmp/gpu/$name.log | grep -v "^train: " | tail -30
+    # a timeout that strikes after the evaluation was written (at exit) leaves a finished fine-tune
+    [ "$rc" != 124 ] || [ ! -f "$out/evaluation.json" ] || rc=0
     case $rc in
       0) cp "$out/evaluation.json" "$OUT/$card/$name-evaluation.json" ;;
       124) last=$(ls "$out"/checkpoints/step_*.pt 2>/dev/null | tail -1)
