@@ -29,10 +29,12 @@ def fixed_method(candidate: RopeCandidate) -> Method:
 
 
 def per_format(needles: NeedleSet, score: Score) -> dict[str, dict]:
-    """{format: {"needle_ppl", "retrieval", "documents"}}: the same per-document scores, grouped by the
-    needle format each document was built with."""
+    """{format: {"needle_ppl", "retrieval", "documents", "document_nll"}}: the same per-document scores,
+    grouped by the needle format each document was built with (each document's NLL kept, so two models
+    scored on the same documents can be compared document by document)."""
     parts = fitness_by_group(needles.document_formats(), score.document_nll, score.document_exact)
-    return {name: {"needle_ppl": part.fitness, "retrieval": part.retrieval, "documents": len(part.document_nll)}
+    return {name: {"needle_ppl": part.fitness, "retrieval": part.retrieval, "documents": len(part.document_nll),
+                   "document_nll": part.document_nll}
             for name, part in parts.items()}
 
 

@@ -418,3 +418,44 @@ def test_the_adapter_benchmark_compares_the_same_fine_tune_several_ways(tmp_path
     assert rows["adapter-lr-x1"]["checkpoint_bytes"] < rows["full"]["checkpoint_bytes"] / 5
     assert rows["adapter-lr-x1"]["needle_ppl"] != rows["full"]["needle_ppl"]
     assert set(result["before_fine_tune"]) == {"base (no scaling)", "base + searched factors"}
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_the_paper_table_compares_two_fine_tunes_document_by_document(tmp_path):
+    """Searched and YaRN, the same two-step fine-tune on the bundled model: the table's paired numbers come
+    from each document's answer NLL, which the evaluation keeps; another evaluation's documents are refused."""
+    import json
+    import math
+
+    from benchmarks import paper_table
+    from mixed_window_train.finetune import finetune, load_finetune_config
+
+    evaluations = {}
+    for name, factors, seed in (("searched", str(FACTORS), 5), ("yarn", "yarn", 5), ("other", "yarn", 6)):
+        (tmp_path / name).mkdir()
+        path = small_config(tmp_path / name, steps=2)
+        data = yaml.safe_load(path.read_text())
+        data.update(factors=factors, scale=4)
+        data["evaluation"]["needles"].update(formats=["magic_number", "pass_key"], documents=8, seed=seed)
+        path.write_text(yaml.safe_dump(data))
+        finetune(*load_finetune_config(path), tmp_path / name / "out")
+        evaluations[name] = tmp_path / name / "out" / "evaluation.json"
+
+    out = tmp_path / "table.json"
+    argv = ["--pair", "1024", str(evaluations["searched"]), str(evaluations["yarn"]), "--out", str(out)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["paper_table", *argv])
+        assert paper_table.main() == 0
+    change = json.loads(out.read_text())["lengths"][0]["searched_vs_yarn_after_fine_tune"]
+    trained = {n: json.loads(f.read_text())["evaluation"]["mixed-window trained"]["formats"] for n, f in evaluations.items()}
+    for fmt in ("magic_number", "pass_key"):
+        searched, yarn = trained["searched"][fmt]["document_nll"], trained["yarn"][fmt]["document_nll"]
+        assert len(searched) == 4 and math.exp(sum(searched) / 4) == pytest.approx(trained["searched"][fmt]["needle_ppl"])
+        assert change[fmt]["documents_lower"] == sum(s < y for s, y in zip(searched, yarn))
+        low, high = change[fmt]["needle_ppl_vs_yarn_90"]
+        assert low <= change[fmt]["needle_ppl_vs_yarn"] <= high and low < high
+
+    argv[2:4] = [str(evaluations["searched"]), str(evaluations["other"])]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["paper_table", *argv])
+        assert paper_table.main() == 2
