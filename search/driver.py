@@ -152,6 +152,8 @@ def after_first_stage(ctx: SearchContext, outcome) -> tuple[int, Job | None]:
         if step_back_if_duplicate(ctx.study, asked.trial):
             asked.trial = None  # still scored with its group (the batch stays the same), never told
             continue
+        # the guard's cost is measured with the first stage: the pruner ranks feasible candidates first
+        record_cost(ctx.study, asked.trial, score.short_cost, ctx.guard, score.window_violation)
         asked.trial.report(score.value, step=len(outcome.job.documents))
         if asked.trial.should_prune():
             _keep_scores(ctx, asked.trial, score)

@@ -7,7 +7,10 @@ scored on the remaining documents and told as usual.
 
 The reference is the first-stage PPL of candidates from *earlier generations* only (or, without the
 evolution, earlier trial numbers): those are settled before a generation is proposed, so a decision is
-the same whichever worker finishes first, and the same again after a resume.
+the same whichever worker finishes first, and the same again after a resume. Under the short guard the
+first stage measures the cost too, and the reference is the feasible candidates: blind to the guard, the
+rule measured against candidates that could not win and, replayed on the 64k search, pruned its winner
+(benchmarks/pruning_replay.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from optuna.pruners import BasePruner, NopPruner
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
+from search.guard import violation
 from search.slots import is_earlier
 
 
@@ -46,12 +50,17 @@ class EarlierTrialsPruner(BasePruner):
         step = trial.last_step
         if step is None:
             return False
-        reference = [
-            t.intermediate_values[step]
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if step in t.intermediate_values and is_earlier(t, trial)
-        ]
-        if len(reference) < max(self.min_reference, self.keep_best or 0):
+        earlier = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                   if step in t.intermediate_values and is_earlier(t, trial)]
+        # Under the short guard a feasible candidate ranks before every infeasible one, whatever their needle
+        # PPLs: the reference is the feasible ones, and an infeasible candidate is worse than all of them
+        # (without a guard every candidate is feasible and nothing changes)
+        feasible = [t for t in earlier if violation(t) <= 0]
+        needed = max(self.min_reference, self.keep_best or 0)
+        if violation(trial) > 0:
+            return len(feasible) >= needed
+        reference = [t.intermediate_values[step] for t in feasible]
+        if len(reference) < needed:
             return False
         if self.keep_best is not None:
             threshold = sorted(reference)[self.keep_best - 1]

@@ -9,6 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import long_stage, report, runs
+from search.guard import CONSTRAINTS, best_trial, violation
 from search.pruning import PruningSettings, make_pruner
 from search.slots import slot_of
 from search.trial_keys import SLOT
@@ -105,10 +106,11 @@ def test_killed_and_resumed_pruned_search_decides_the_same(tmp_path, pruned_run,
     assert history_of(run_dir) == history_of(pruned_run[0])
 
 
-def _settled(generation: int, slot: int, first_stage: float):
+def _settled(generation: int, slot: int, first_stage: float, violation: float | None = None):
+    constraints = {} if violation is None else {CONSTRAINTS: [violation]}
     return optuna.trial.create_trial(
         state=TrialState.COMPLETE, value=first_stage, intermediate_values={FIRST: first_stage},
-        system_attrs={SLOT: [generation, slot]},
+        system_attrs={SLOT: [generation, slot], **constraints},
     )
 
 
@@ -126,6 +128,55 @@ def test_the_pruner_compares_with_earlier_generations_only(settings, kept):
     for value in [1.0, 2.0, 3.0, 4.0, 5.0]:
         trial = _settled(1, 1, value)
         assert pruner.prune(study, trial) == (value not in kept), value
+
+
+@pytest.mark.parametrize("feasible_earlier, infeasible_pruned", [(3, True), (2, False)])
+def test_under_the_guard_feasible_candidates_are_the_reference(feasible_earlier, infeasible_pruned):
+    """Infeasible candidates with low needle PPL never raise the bar for a feasible one (it ranks before
+    them whatever its PPL), and an infeasible one is pruned once enough feasible ones exist to be kept."""
+    pruner = make_pruner(PruningSettings(name="earlier_trials", keep_best=3, min_reference=1))
+    study = optuna.create_study()
+    for slot, value in enumerate([0.1, 0.2, 0.3]):
+        study.add_trial(_settled(0, slot, value, violation=0.05))  # over the guard
+    for slot, value in enumerate([1.0, 2.0, 3.0][:feasible_earlier]):
+        study.add_trial(_settled(0, 3 + slot, value, violation=-0.01))
+    feasible = [pruner.prune(study, _settled(1, 0, value, violation=-0.01)) for value in (2.5, 3.5)]
+    assert feasible == ([False, True] if feasible_earlier == 3 else [False, False])
+    assert pruner.prune(study, _settled(1, 1, 0.05, violation=0.01)) == infeasible_pruned
+
+
+@pytest.mark.filterwarnings("ignore:vLLM ignore")
+def test_a_guarded_pruned_search_keeps_each_candidates_cost_and_ranks_feasible_first(tmp_path):
+    """With the short guard on, the first stage measures the cost, so every settled candidate (pruned ones
+    too) carries its constraint, and each decision follows the rule over feasible earlier candidates. The
+    replay benchmark, fed the same run, finds the same decisions from the stored per-document NLLs."""
+    from benchmarks.pruning_replay import replay
+
+    run_dir = new_run(tmp_path, **{"space.search_attention": True, "space.attention": "none",
+                                   "short_guard.max_cost": 0.002, "short_guard.windows": 2,
+                                   "pruning.keep_best": 3})
+    runs.run(run_dir, quiet=True)
+    ctx, trials = settled_trials(run_dir)
+    assert all(CONSTRAINTS in t.system_attrs for t in trials)
+    assert {violation(t) > 0 for t in trials} == {True, False}  # the guard binds
+    pruned = {t.number for t in trials if t.state == TrialState.PRUNED}
+    for trial in trials:
+        earlier = [t for t in trials if slot_of(t)[0] < slot_of(trial)[0] and violation(t) <= 0]
+        if violation(trial) > 0:
+            expected = len(earlier) >= 4
+        else:
+            reference = sorted(t.intermediate_values[FIRST] for t in earlier)
+            expected = len(reference) >= 4 and trial.intermediate_values[FIRST] > reference[2]
+        assert (trial.number in pruned) == expected, trial.number
+    unguarded = []  # what the rule without the guard would have decided: the guard changed decisions here
+    for trial in trials:
+        reference = sorted(t.intermediate_values[FIRST] for t in trials if slot_of(t)[0] < slot_of(trial)[0])
+        unguarded.append(len(reference) >= 4 and trial.intermediate_values[FIRST] > reference[2])
+    assert pruned and unguarded != [t.number in pruned for t in trials]
+
+    # replayed from the stored per-document NLLs, the same rule over the same trials decides the same
+    replayed = replay(trials, FIRST, 3, 50.0, 4)
+    assert replayed["pruned_trials"] == sorted(pruned) and replayed["winner"] == best_trial(ctx.study).value
 
 
 @pytest.mark.slow
