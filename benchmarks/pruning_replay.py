@@ -26,7 +26,7 @@ from benchmarks.output import emit
 from search import long_stage, runs
 from search.guard import CONSTRAINTS, violation
 from search.pruning import EarlierTrialsPruner
-from search.slots import is_earlier
+from search.slots import is_earlier, slot_of
 
 DOCUMENT_NLL = "document_nll"  # a trial's per-document answer NLLs, in search-document order (search.driver)
 
@@ -81,6 +81,20 @@ def replay(trials, documents: int, keep_best: int | None, keep_percentile: float
     }
 
 
+def running_best(trials) -> list[dict]:
+    """The best feasible needle PPL found by the end of each generation: how many generations a search
+    needed, the other half of its budget."""
+    best, rows = math.inf, []
+    by_generation: dict[int, list] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE and violation(t) <= 0 and slot_of(t) is not None:
+            by_generation.setdefault(slot_of(t)[0], []).append(t.values[0])
+    for generation in sorted(by_generation):
+        best = min(best, *by_generation[generation])
+        rows.append({"generation": generation, "best": best})
+    return rows
+
+
 def replay_run(run_dir: Path, documents: list[int], keep_best: list[int | None], keep_percentile: float,
                min_reference: int) -> dict:
     config = runs.load(run_dir)
@@ -96,6 +110,9 @@ def replay_run(run_dir: Path, documents: list[int], keep_best: list[int | None],
         # how well k documents rank the candidates that all documents rank
         "rank_correlation": {str(k): spearman([first_stage_ppl(t, k) for t in complete], [t.values[0] for t in complete])
                              for k in documents},
+        "best_by_generation": running_best(trials),
+        # what sets a guard-blind pruner's bar: the lowest needle PPL among candidates over the guard
+        "best_over_the_guard": min((t.values[0] for t in complete if violation(t) > 0), default=None),
         "settings": [replay(trials, k, best, keep_percentile, min_reference, guard=guard)
                      for guard in (True, False) for k in documents for best in keep_best],
         "earlier": is_earlier.__doc__.strip().splitlines()[0],  # the reference each decision sees

@@ -150,7 +150,7 @@ def test_a_guarded_pruned_search_keeps_each_candidates_cost_and_ranks_feasible_f
     """With the short guard on, the first stage measures the cost, so every settled candidate (pruned ones
     too) carries its constraint, and each decision follows the rule over feasible earlier candidates. The
     replay benchmark, fed the same run, finds the same decisions from the stored per-document NLLs."""
-    from benchmarks.pruning_replay import replay
+    from benchmarks.pruning_replay import replay, running_best
 
     run_dir = new_run(tmp_path, **{"space.search_attention": True, "space.attention": "none",
                                    "short_guard.max_cost": 0.002, "short_guard.windows": 2,
@@ -177,6 +177,8 @@ def test_a_guarded_pruned_search_keeps_each_candidates_cost_and_ranks_feasible_f
     # replayed from the stored per-document NLLs, the same rule over the same trials decides the same
     replayed = replay(trials, FIRST, 3, 50.0, 4)
     assert replayed["pruned_trials"] == sorted(pruned) and replayed["winner"] == best_trial(ctx.study).value
+    best = [row["best"] for row in running_best(trials)]
+    assert len(best) == 6 and best == sorted(best, reverse=True) and best[-1] == best_trial(ctx.study).value
 
 
 @pytest.mark.slow
