@@ -28,8 +28,10 @@ from search.workers import Batch, ScoringWorker, WorkerSetup
 
 def run_search(config_path: Path, evaluations: int, overrides: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        # one baseline: they are scored before the loop's clock starts, and at 32k six cost a minute
-        config = runs.load_search_config(config_path, {"budget.minutes": None, "baselines": ["none"], **overrides})
+        # one baseline: they are scored before the loop's clock starts, and at 32k six cost a minute; no
+        # pruning: the loop must score every document of the candidates the floor scores
+        config = runs.load_search_config(config_path, {"budget.minutes": None, "baselines": ["none"],
+                                                       "pruning.name": "none", **overrides})
         run_dir = runs.create(config, Path(tmp))
         ctx = long_stage.open_context(run_dir, config)
         summary = driver.search(ctx, stop_after=evaluations, quiet=True)

@@ -186,3 +186,16 @@ def test_two_ray_workers_prune_the_same(tmp_path, pruned_run):
     run_dir = new_run(tmp_path, **{"workers.backend": "ray", "workers.count": 2})
     runs.run(run_dir, quiet=True)
     assert history_of(run_dir) == history_of(pruned_run[0])
+
+
+def test_the_throughput_benchmark_scores_every_document_of_a_pruned_config(tmp_path):
+    """The loop is timed against scoring the same candidates fully in-process: it must not prune."""
+    from benchmarks.search_throughput import run_search
+
+    summary, candidates, config, _ = run_search(new_run_config(tmp_path), 6, {})
+    assert config.pruning.name == "none" and not (summary.get("pruning") or {}).get("pruned")
+    assert summary["evaluated"] == len(candidates) == 6
+
+
+def new_run_config(tmp_path):
+    return write_config(tmp_path, **{**PRUNING, "pruning.keep_percentile": 1, "pruning.min_reference": 1})
