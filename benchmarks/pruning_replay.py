@@ -5,8 +5,9 @@ earlier generations only) is replayed over the trials as they ran. No GPU: it re
 
 It answers, before a long search is paid for, whether a first stage on a few documents keeps the
 candidates that win and what it saves; each setting is also replayed with the pruner blind to the short
-guard (the rule before it ranked feasible candidates first), which lost the 64k search's winner. A replay, not a rerun: pruned candidates stay parents here, so the
-evolution's path is the unpruned one; the winners it would have lost are what matters.
+guard (the rule before it ranked feasible candidates first), which lost the 64k search's winner. A
+replay, not a rerun: pruned candidates stay parents here, so the evolution's path is the unpruned one;
+the winners it would have lost are what matters.
 
     python -m benchmarks.pruning_replay RUN_DIR --documents 3 6 --keep-best 12 24 \
         --out benchmarks/results/h100/smollm2-64k-pruning-replay.json
@@ -26,7 +27,7 @@ from benchmarks.output import emit
 from search import long_stage, runs
 from search.guard import CONSTRAINTS, violation
 from search.pruning import EarlierTrialsPruner
-from search.slots import is_earlier, slot_of
+from search.slots import slot_of
 
 DOCUMENT_NLL = "document_nll"  # a trial's per-document answer NLLs, in search-document order (search.driver)
 
@@ -115,7 +116,6 @@ def replay_run(run_dir: Path, documents: list[int], keep_best: list[int | None],
         "best_over_the_guard": min((t.values[0] for t in complete if violation(t) > 0), default=None),
         "settings": [replay(trials, k, best, keep_percentile, min_reference, guard=guard)
                      for guard in (True, False) for k in documents for best in keep_best],
-        "earlier": is_earlier.__doc__.strip().splitlines()[0],  # the reference each decision sees
     }
 
 

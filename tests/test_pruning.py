@@ -150,7 +150,7 @@ def test_a_guarded_pruned_search_keeps_each_candidates_cost_and_ranks_feasible_f
     """With the short guard on, the first stage measures the cost, so every settled candidate (pruned ones
     too) carries its constraint, and each decision follows the rule over feasible earlier candidates. The
     replay benchmark, fed the same run, finds the same decisions from the stored per-document NLLs."""
-    from benchmarks.pruning_replay import replay, running_best
+    from benchmarks.pruning_replay import replay, replay_run, running_best
 
     run_dir = new_run(tmp_path, **{"space.search_attention": True, "space.attention": "none",
                                    "short_guard.max_cost": 0.002, "short_guard.windows": 2,
@@ -179,6 +179,9 @@ def test_a_guarded_pruned_search_keeps_each_candidates_cost_and_ranks_feasible_f
     assert replayed["pruned_trials"] == sorted(pruned) and replayed["winner"] == best_trial(ctx.study).value
     best = [row["best"] for row in running_best(trials)]
     assert len(best) == 6 and best == sorted(best, reverse=True) and best[-1] == best_trial(ctx.study).value
+    from_folder = replay_run(run_dir, [FIRST], [3], 50.0, 4)  # what the command line reads: the same
+    assert from_folder["evaluations"] == len(trials) and from_folder["settings"][0]["pruned_trials"] == sorted(pruned)
+    assert from_folder["settings"][1]["pruner_sees_the_guard"] is False
 
 
 @pytest.mark.slow
