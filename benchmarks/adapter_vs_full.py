@@ -62,9 +62,8 @@ def main(argv=None) -> None:
     rows, before = {}, None
     for name, variant in variants(config, args.lr_scale, args.with_norms).items():
         out_dir = args.work / name
-        if not (out_dir / "evaluation.json").exists():
-            with claimed_run_folder(out_dir, variant):
-                finetune(variant, candidate, out_dir)
+        with claimed_run_folder(out_dir, variant):
+            finetune(variant, candidate, out_dir)  # a finished variant's folder gives its result back
         evaluation = json.loads((out_dir / "evaluation.json").read_text())
         before = before or {key: value for key, value in evaluation["evaluation"].items() if key != TRAINED}
         rows[name] = {"lr": float(f"{variant.train.lr:.6g}"), "adapter": variant.adapter and variant.adapter.model_dump(),

@@ -419,6 +419,12 @@ def test_the_adapter_benchmark_compares_the_same_fine_tune_several_ways(tmp_path
     assert rows["adapter-lr-x1"]["needle_ppl"] != rows["full"]["needle_ppl"]
     assert set(result["before_fine_tune"]) == {"base (no scaling)", "base + searched factors"}
 
+    evaluated = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*/evaluation.json")}
+    main([str(path), "--work", str(tmp_path / "work"), "--lr-scale", "1", "5", "--with-norms",
+          "--out", str(tmp_path / "again.json")])  # finished variants are read, not trained again
+    assert json.loads((tmp_path / "again.json").read_text()) == result
+    assert len(evaluated) == 5 and all(p.stat().st_mtime_ns == t for p, t in evaluated.items())
+
 
 @pytest.mark.filterwarnings("ignore:vLLM ignore")
 def test_the_paper_table_compares_two_fine_tunes_document_by_document(tmp_path):
